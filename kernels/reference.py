@@ -1,0 +1,272 @@
+"""Plain-PyTorch statement of SparK: the ground truth every kernel and the pool are tested against.
+
+Shapes: keys / values ``[N, Hkv, D]`` (one sequence, or any set of tokens); window queries
+``[W, Hq, D]`` after RoPE. All scoring runs in float32; outputs keep the input dtype.
+
+Semantics follow the released SparK code (DESIGN.md §1), with two stated choices:
+
+* Ties in saliency break towards pruning the lower channel index (a stable ascending sort), so
+  exactly ``P = int(ratio * D)`` channels are pruned and every implementation agrees bit for bit.
+* A channel whose window norm ``Qn[c]`` is 0 recovers to 0 (the released ``sqrt(w / 0)`` is inf).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .layout import BITS_PER_WORD, SparKConfig, SlotLayout, bytes_per_token  # noqa: F401
+
+# ---------------------------------------------------------------------------------------------
+# Window statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def window_channel_norm(window_queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[W, Hq, D] -> [Hkv, D]`` float32: average the GQA group's query heads, then L2 over W."""
+    w, hq, d = window_queries.shape
+    if hq % num_kv_heads:
+        raise ValueError(f"{hq} query heads are not a multiple of {num_kv_heads} KV heads")
+    grouped = window_queries.float().view(w, num_kv_heads, hq // num_kv_heads, d).mean(dim=2)
+    return torch.linalg.vector_norm(grouped, dim=0)
+
+
+def rsqrt_or_zero(key_norm: torch.Tensor) -> torch.Tensor:
+    """``Qn^-1/2``, with 0 where ``Qn == 0`` (such a channel recovers to 0)."""
+    return torch.where(key_norm > 0, torch.rsqrt(key_norm), torch.zeros_like(key_norm))
+
+
+def value_channel_bias(values: torch.Tensor) -> torch.Tensor:
+    """``[N, Hkv, D] -> [Hkv, D]``: the sequence-level part of the released value score.
+
+    Released score: ``0.7*|v| + 0.3*(var_seq[c] + var_dim[t]) / 2 / (M + 1e-8)`` with
+    ``M = max over (t, c)`` of the numerator. ``var_dim[t]`` is the same for every channel of a
+    token, so it cannot change which channels a token keeps; dividing by 0.7 neither. The ranking is
+    therefore that of ``|v| + bias`` with ``bias[c] = (3/7) * var_seq[c] / 2 / (M + 1e-8)``.
+    """
+    v = values.float()
+    var_seq = v.var(dim=0) if v.shape[0] > 1 else torch.zeros_like(v[0])  # [H, D]
+    var_dim = v.var(dim=2)  # [N, H]
+    peak = (var_seq.amax(dim=1) + var_dim.amax(dim=0)) / 2  # [H]
+    return (3.0 / 7.0) * (var_seq / 2) / (peak[:, None] + 1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------------
+
+
+def key_saliency(keys: torch.Tensor, key_norm: torch.Tensor) -> torch.Tensor:
+    """``s[t, h, c] = k[t, h, c]^2 * Qn[h, c]`` in float32 (``key_norm`` broadcasts to keys)."""
+    k = keys.float()
+    return k * k * key_norm
+
+
+def value_saliency(values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return values.float().abs() + bias
+
+
+def kept_mask(saliency: torch.Tensor, num_pruned: int) -> torch.Tensor:
+    """Bool ``[..., D]``: False on the ``num_pruned`` lowest-saliency channels of each row.
+
+    Ties go to the lower channel index being pruned (stable ascending sort).
+    """
+    keep = torch.ones_like(saliency, dtype=torch.bool)
+    if num_pruned:
+        order = torch.sort(saliency, dim=-1, stable=True).indices
+        keep.scatter_(-1, order[..., :num_pruned], False)
+    return keep
+
+
+def key_fill(saliency: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``sqrt(mean of the pruned channels' saliency)`` per row, float32 (0 if nothing pruned)."""
+    pruned = ~keep
+    count = pruned.sum(dim=-1).clamp_min(1)
+    return torch.sqrt(torch.where(pruned, saliency, 0.0).sum(dim=-1) / count)
+
+
+def value_fill(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of the pruned values per row, float32 (0 if nothing pruned)."""
+    pruned = ~keep
+    count = pruned.sum(dim=-1).clamp_min(1)
+    return torch.where(pruned, values.float(), 0.0).sum(dim=-1) / count
+
+
+def recovered_keys(
+    keys_negative: torch.Tensor, fill: torch.Tensor, key_norm: torch.Tensor
+) -> torch.Tensor:
+    """Value given to a pruned key channel: ``sign * sqrt(w / Qn)`` as ``sign * fill * Qn^-1/2``."""
+    magnitude = fill[..., None] * rsqrt_or_zero(key_norm)
+    return torch.where(keys_negative, -magnitude, magnitude)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense simulations (what the released code computes; nothing saved)
+# ---------------------------------------------------------------------------------------------
+
+
+def _num_pruned(prune_ratio: float, head_dim: int) -> int:
+    if not 0 <= prune_ratio < 1:
+        raise ValueError(f"prune_ratio={prune_ratio!r} must satisfy 0 <= prune_ratio < 1")
+    return int(prune_ratio * head_dim)
+
+
+def simulate_keys_with_norm(
+    keys: torch.Tensor, key_norm: torch.Tensor, prune_ratio: float, recovery: str = "mean"
+) -> torch.Tensor:
+    """:func:`simulate_keys` given the window norm ``Qn`` (broadcastable to keys) directly."""
+    if recovery not in ("mean", "zero"):
+        raise ValueError(f"recovery={recovery!r} must be 'mean' or 'zero'")
+    num_pruned = _num_pruned(prune_ratio, keys.shape[-1])
+    saliency = key_saliency(keys, key_norm)
+    keep = kept_mask(saliency, num_pruned)
+    if recovery == "zero":
+        fill_values = torch.zeros_like(saliency)
+    else:
+        fill_values = recovered_keys(~(keys > 0), key_fill(saliency, keep), key_norm)
+    return torch.where(keep, keys.float(), fill_values).to(keys.dtype)
+
+
+def simulate_keys(
+    keys: torch.Tensor, window_queries: torch.Tensor, prune_ratio: float, recovery: str = "mean"
+) -> torch.Tensor:
+    """Keys with each token-head's ``int(ratio * D)`` least salient channels replaced by their
+    recovered values ("mean": ``sign(k) * sqrt(mean pruned saliency / Qn)``; "zero": 0)."""
+    key_norm = window_channel_norm(window_queries, keys.shape[1])
+    return simulate_keys_with_norm(keys, key_norm, prune_ratio, recovery)
+
+
+def simulate_values(values: torch.Tensor, prune_ratio: float) -> torch.Tensor:
+    """Values with each token-head's lowest-scoring channels replaced by their mean (§1.5)."""
+    num_pruned = _num_pruned(prune_ratio, values.shape[-1])
+    keep = kept_mask(value_saliency(values, value_channel_bias(values)), num_pruned)
+    fill = value_fill(values, keep)
+    return torch.where(keep, values.float(), fill[..., None]).to(values.dtype)
+
+
+def think_keys(
+    keys: torch.Tensor, window_queries: torch.Tensor, prune_ratio: float
+) -> torch.Tensor:
+    """ThinK baseline: one channel set per head for all tokens, scored ``||Q_c|| * ||K_c||`` over
+    the window and the sequence, the lowest ``int(ratio * D)`` zeroed."""
+    num_pruned = _num_pruned(prune_ratio, keys.shape[-1])
+    key_norm = window_channel_norm(window_queries, keys.shape[1])
+    score = key_norm * torch.linalg.vector_norm(keys.float(), dim=0)  # [H, D]
+    keep = kept_mask(score, num_pruned)
+    return torch.where(keep, keys, torch.zeros_like(keys))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact layout
+# ---------------------------------------------------------------------------------------------
+
+
+class PackedKeys(NamedTuple):
+    kept: torch.Tensor  # [N, H, T] kv dtype, channel order
+    mask: torch.Tensor  # [N, H, D/32] int32, bit set = kept
+    sign: torch.Tensor | None  # [N, H, D/32] int32, bit set = original key <= 0 ("mean" only)
+    fill: torch.Tensor | None  # [N, H] float32, sqrt(mean pruned saliency) ("mean" only)
+
+
+class PackedValues(NamedTuple):
+    kept: torch.Tensor  # [N, H, Tv] kv dtype, channel order
+    mask: torch.Tensor  # [N, H, D/32] int32
+    fill: torch.Tensor  # [N, H] float32, mean of the pruned values
+
+
+def bits_to_words(bits: torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., D]`` -> int32 ``[..., D/32]``; channel ``c`` is bit ``c % 32`` of word ``c // 32``."""
+    *lead, d = bits.shape
+    shifts = torch.arange(BITS_PER_WORD, device=bits.device, dtype=torch.int64)
+    words = (bits.view(*lead, d // BITS_PER_WORD, BITS_PER_WORD).long() << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def words_to_bits(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`bits_to_words`."""
+    shifts = torch.arange(BITS_PER_WORD, device=words.device, dtype=torch.int32)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2).bool()
+
+
+def _gather_kept(x: torch.Tensor, keep: torch.Tensor, kept: int) -> torch.Tensor:
+    return x[keep].view(*x.shape[:-1], kept)
+
+
+def _scatter_kept(kept_values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Kept values at their channels, float32, 0 elsewhere."""
+    out = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+    out[keep] = kept_values.float().reshape(-1)
+    return out
+
+
+def pack_keys(
+    keys: torch.Tensor, key_norm: torch.Tensor, prune_ratio: float, recovery: str = "mean"
+) -> PackedKeys:
+    """Dense keys ``[N, H, D]`` -> compact layout. ``key_norm`` broadcasts to keys: ``[H, D]`` for
+    one window, or ``[N, H, D]`` for a window per token (``table[row_ids]``)."""
+    num_pruned = _num_pruned(prune_ratio, keys.shape[-1])
+    saliency = key_saliency(keys, key_norm)
+    keep = kept_mask(saliency, num_pruned)
+    kept = _gather_kept(keys, keep, keys.shape[-1] - num_pruned)
+    if recovery == "zero":
+        return PackedKeys(kept, bits_to_words(keep), None, None)
+    return PackedKeys(kept, bits_to_words(keep), bits_to_words(~(keys > 0)), key_fill(saliency, keep))
+
+
+def unpack_keys(packed: PackedKeys, key_norm: torch.Tensor) -> torch.Tensor:
+    """Compact layout -> dense keys with pruned channels recovered (equals :func:`simulate_keys`)."""
+    keep = words_to_bits(packed.mask)
+    dense = _scatter_kept(packed.kept, keep)
+    if packed.sign is None:
+        return dense.to(packed.kept.dtype)
+    recovered = recovered_keys(words_to_bits(packed.sign), packed.fill, key_norm)
+    return torch.where(keep, dense, recovered).to(packed.kept.dtype)
+
+
+def pack_values(values: torch.Tensor, bias: torch.Tensor, prune_ratio: float) -> PackedValues:
+    """Dense values -> compact layout; ``bias`` (:func:`value_channel_bias`) broadcasts to values."""
+    num_pruned = _num_pruned(prune_ratio, values.shape[-1])
+    keep = kept_mask(value_saliency(values, bias), num_pruned)
+    kept = _gather_kept(values, keep, values.shape[-1] - num_pruned)
+    return PackedValues(kept, bits_to_words(keep), value_fill(values, keep))
+
+
+def unpack_values(packed: PackedValues) -> torch.Tensor:
+    keep = words_to_bits(packed.mask)
+    dense = _scatter_kept(packed.kept, keep)
+    return torch.where(keep, dense, packed.fill[..., None]).to(packed.kept.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over a (simulated or unpacked) cache, for kernel tests and evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float,
+    causal_offset: int | None = None,
+    logit_cap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 GQA attention of one sequence: q ``[M, Hq, D]``, k/v ``[N, Hkv, D]``.
+
+    ``causal_offset``: query ``i`` sees keys ``j <= i + causal_offset`` (None: sees all).
+    Returns (output ``[M, Hq, Dv]``, natural-log LSE ``[M, Hq]``).
+    """
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    logits = torch.einsum("mhd,nhd->hmn", q.float(), kf) * sm_scale
+    if logit_cap > 0:
+        logits = logit_cap * torch.tanh(logits / logit_cap)
+    if causal_offset is not None:
+        m, n = q.shape[0], k.shape[0]
+        visible = torch.arange(n)[None, :] <= torch.arange(m)[:, None] + causal_offset
+        logits = logits.masked_fill(~visible.to(logits.device), float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [H, M]
+    out = torch.einsum("hmn,nhd->mhd", torch.softmax(logits, dim=-1), vf)
+    return out, lse.transpose(0, 1)

@@ -1,0 +1,1 @@
+"""SparK KV-cache channel pruning for SGLang."""
