@@ -1,0 +1,245 @@
+"""Compress-and-store: new keys/values of a batch -> one layer's SparK compact cache.
+
+One launch per layer, grid ``(tokens, kv_heads)``; a program handles one token-head, keys and
+values together:
+
+* saliency per channel: keys ``k * k * Qn`` (float32, a pure product), values ``|v| + bias``
+  (a pure add), so the selection is bit-equal to ``reference.kept_mask`` on every backend;
+* channel ``c`` is pruned iff its position in the stable ascending order of the scores is below
+  ``P``: ``#{c' : s[c'] < s[c] or (s[c'] == s[c] and c' < c)} < P``, counted over ``CHUNK``
+  channels at a time so the comparison matrix stays at ``[D, CHUNK]``;
+* kept entries are scattered to ``kept[slot, head, rank]`` with ``rank`` the exclusive prefix count
+  of the kept bits; bitmap and sign words are built by shifting the bits into their lanes and
+  summing (distinct bits: the sum is their OR);
+* "mean" recovery also stores ``fill = sqrt(sum of pruned saliency / P)``; compressed values store
+  the mean of the pruned values. Dense values are copied.
+
+``Qn`` and ``bias`` come from row ``rows[token]`` of the layer's window statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import PackedKeys, PackedValues
+
+__all__ = ["compress_and_store"]
+
+
+@triton.jit
+def _scores(x, stat, IS_KEY: tl.constexpr):
+    if IS_KEY:
+        return x * x * stat
+    else:
+        return tl.abs(x) + stat
+
+
+@triton.jit
+def _sorted_position(X, Stat, score, IS_KEY: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr):
+    """Position ``[D]`` int32 of each channel in the stable ascending order of ``score``.
+
+    The chunks' scores are recomputed from ``X`` / ``Stat`` with the same float ops, so they
+    equal ``score`` bit for bit.
+    """
+    offs = tl.arange(0, D)
+    position = tl.zeros([D], tl.int32)
+    for start in tl.static_range(0, D, CHUNK):
+        offs_c = start + tl.arange(0, CHUNK)
+        other = _scores(tl.load(X + offs_c).to(tl.float32), tl.load(Stat + offs_c), IS_KEY)
+        before = (other[None, :] < score[:, None]) | (
+            (other[None, :] == score[:, None]) & (offs_c[None, :] < offs[:, None])
+        )
+        position += tl.sum(before.to(tl.int32), axis=1)
+    return position
+
+
+@triton.jit
+def _pack_words(bits, D: tl.constexpr):
+    """Bits ``[D]`` int32 (0/1) -> words ``[D/32]`` int32, channel ``c`` at bit ``c % 32``."""
+    lanes = bits << (tl.arange(0, D) % 32)
+    return tl.sum(tl.reshape(lanes, (D // 32, 32)), axis=1)
+
+
+@triton.jit
+def _store_packed(
+    x,
+    score,
+    X,
+    Stat,
+    Kept,
+    kept_offs,
+    Mask,
+    mask_offs,
+    IS_KEY: tl.constexpr,
+    PRUNED: tl.constexpr,
+    D: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Select and store one row's kept entries and bitmap; returns the kept flags ``[D]``."""
+    keep = (_sorted_position(X, Stat, score, IS_KEY, D, CHUNK) >= PRUNED).to(tl.int32)
+    rank = tl.cumsum(keep, axis=0) - keep
+    tl.store(Kept + kept_offs + rank, x, mask=keep != 0)
+    tl.store(Mask + mask_offs + tl.arange(0, D // 32), _pack_words(keep, D))
+    return keep != 0
+
+
+@triton.jit
+def _compress_kernel(
+    K,
+    stride_k_t,
+    stride_k_h,
+    V,
+    stride_v_t,
+    stride_v_h,
+    slots,
+    rows,
+    Stats,
+    stride_st_r,
+    stride_st_w,
+    stride_st_h,
+    KKept,
+    stride_kk_s,
+    stride_kk_h,
+    KMask,
+    KSign,
+    stride_km_s,
+    stride_km_h,
+    KFill,
+    stride_kf_s,
+    stride_kf_h,
+    VOut,
+    stride_vo_s,
+    stride_vo_h,
+    VMask,
+    stride_vm_s,
+    stride_vm_h,
+    VFill,
+    stride_vf_s,
+    stride_vf_h,
+    D: tl.constexpr,
+    KEY_PRUNED: tl.constexpr,
+    VALUE_PRUNED: tl.constexpr,
+    MEAN_RECOVERY: tl.constexpr,
+    VALUES_PACKED: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    slot = tl.load(slots + token).to(tl.int64)
+    row = tl.load(rows + token).to(tl.int64)
+    offs = tl.arange(0, D)
+
+    # Keys.
+    k_row = K + token * stride_k_t + head * stride_k_h
+    qn_row = Stats + row * stride_st_r + head * stride_st_h
+    k = tl.load(k_row + offs)
+    kf = k.to(tl.float32)
+    saliency = _scores(kf, tl.load(qn_row + offs), True)
+    kept = _store_packed(
+        k, saliency, k_row, qn_row,
+        KKept, slot * stride_kk_s + head * stride_kk_h,
+        KMask, slot * stride_km_s + head * stride_km_h,
+        True, KEY_PRUNED, D, CHUNK,
+    )  # fmt: skip
+    if MEAN_RECOVERY:
+        negative = (~(kf > 0)).to(tl.int32)  # the reference's ~(k > 0): NaN counts as negative
+        tl.store(KSign + slot * stride_km_s + head * stride_km_h + tl.arange(0, D // 32), _pack_words(negative, D))
+        pruned_sum = tl.sum(tl.where(kept, 0.0, saliency), axis=0)
+        fill = tl.sqrt_rn(tl.div_rn(pruned_sum, tl.full([], KEY_PRUNED + (KEY_PRUNED == 0), tl.float32)))
+        tl.store(KFill + slot * stride_kf_s + head * stride_kf_h, fill)
+
+    # Values.
+    v_row = V + token * stride_v_t + head * stride_v_h
+    v = tl.load(v_row + offs)
+    v_out = slot * stride_vo_s + head * stride_vo_h
+    if VALUES_PACKED:
+        bias_row = Stats + row * stride_st_r + stride_st_w + head * stride_st_h
+        vf = v.to(tl.float32)
+        v_kept = _store_packed(
+            v, _scores(vf, tl.load(bias_row + offs), False), v_row, bias_row,
+            VOut, v_out,
+            VMask, slot * stride_vm_s + head * stride_vm_h,
+            False, VALUE_PRUNED, D, CHUNK,
+        )  # fmt: skip
+        pruned_sum = tl.sum(tl.where(v_kept, 0.0, vf), axis=0)
+        tl.store(VFill + slot * stride_vf_s + head * stride_vf_h, tl.div_rn(pruned_sum, tl.full([], VALUE_PRUNED + (VALUE_PRUNED == 0), tl.float32)))
+    else:
+        tl.store(VOut + v_out + offs, v)
+
+
+def compress_and_store(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    rows: torch.Tensor,
+    window_stats: torch.Tensor,
+    key_cache: PackedKeys,
+    value_cache: PackedValues | torch.Tensor,
+) -> None:
+    """Compress a batch's new keys and values and write them into one layer's compact cache.
+
+    Args:
+        k, v: ``[N, Hkv, D]`` new keys / values in the cache's dtype, last dim contiguous.
+        slots: ``[N]`` int32 or int64, destination slot of each token.
+        rows: ``[N]`` int32, window-statistics row of each token (the caller also records it in
+            the pool-wide ``slot_rows``).
+        window_stats: ``[R, 2, Hkv, D]`` float32: ``[:, 0]`` key channel norm ``Qn``,
+            ``[:, 1]`` value channel bias.
+        key_cache: the layer's ``PackedKeys``: ``kept [S, Hkv, T]``, ``mask [S, Hkv, D/32]``
+            int32, and for "mean" recovery ``sign`` (same shape and strides as ``mask``) and
+            ``fill [S, Hkv]`` float32; ``sign is None`` selects "zero" recovery. ``T`` fixes the
+            number of pruned channels ``D - T``.
+        value_cache: dense ``[S, Hkv, D]`` (copied into), or ``PackedValues`` (``kept [S, Hkv, Tv]``,
+            ``mask [S, Hkv, D/32]`` int32, ``fill [S, Hkv]`` float32).
+
+    Writes ``key_cache`` / ``value_cache`` at ``slots``, bit-equal to ``reference.pack_keys`` /
+    ``reference.pack_values`` on kept entries, bitmaps and signs; ``fill`` to float32 rounding
+    (the sum runs in another order). Returns nothing; one kernel launch.
+    """
+    num_tokens, num_heads, head_dim = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if head_dim % 32 or head_dim < 32:
+        raise ValueError(f"head_dim={head_dim} must be a multiple of 32")
+    for name, t in (("k", k), ("v", v), ("window_stats", window_stats), ("key_cache.kept", key_cache.kept)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    if k.dtype != key_cache.kept.dtype:
+        raise ValueError(f"k is {k.dtype}, the key cache {key_cache.kept.dtype}")
+    mean = key_cache.sign is not None
+    if mean != (key_cache.fill is not None):
+        raise ValueError("PackedKeys.sign and PackedKeys.fill must both be set ('mean') or both None")
+    if mean and key_cache.sign.stride() != key_cache.mask.stride():
+        raise ValueError("PackedKeys.sign must have the same strides as PackedKeys.mask")
+    if num_tokens == 0:
+        return
+    packed_values = isinstance(value_cache, PackedValues)
+    if packed_values:
+        v_out, v_mask, v_fill = value_cache
+        value_pruned = head_dim - v_out.shape[-1]
+    else:
+        v_out, v_mask, v_fill = value_cache, value_cache, value_cache  # mask/fill unused
+        value_pruned = 0
+    k_sign = key_cache.sign if mean else key_cache.mask  # unused for "zero" recovery
+    k_fill = key_cache.fill if mean else key_cache.mask
+    _compress_kernel[(num_tokens, num_heads)](
+        k, k.stride(0), k.stride(1),
+        v, v.stride(0), v.stride(1),
+        slots, rows,
+        window_stats, window_stats.stride(0), window_stats.stride(1), window_stats.stride(2),
+        key_cache.kept, key_cache.kept.stride(0), key_cache.kept.stride(1),
+        key_cache.mask, k_sign, key_cache.mask.stride(0), key_cache.mask.stride(1),
+        k_fill, k_fill.stride(0), k_fill.stride(1),
+        v_out, v_out.stride(0), v_out.stride(1),
+        v_mask, v_mask.stride(0), v_mask.stride(1),
+        v_fill, v_fill.stride(0), v_fill.stride(1),
+        D=head_dim,
+        KEY_PRUNED=head_dim - key_cache.kept.shape[-1],
+        VALUE_PRUNED=value_pruned,
+        MEAN_RECOVERY=mean,
+        VALUES_PACKED=packed_values,
+        CHUNK=32,
+        num_warps=2 if head_dim <= 64 else 4,
+    )  # fmt: skip

@@ -1,0 +1,275 @@
+"""Extend (prefill) attention: new tokens over their request's compact prefix and causally over
+themselves, in one fused kernel.
+
+Grid ``(cdiv(max_q_len, BLOCK_M), Hq, batch)``; a program holds ``BLOCK_M`` queries of one head
+and keeps one online softmax across two stages:
+
+1. the request's prefix slots, read in the compact layout and rebuilt in registers ``BLOCK_N``
+   slots at a time (``decode.rebuild_keys`` / ``decode.rebuild_values``); every query sees the
+   whole prefix;
+2. the new tokens' dense keys/values, causally: query ``i`` of the extend sees new tokens
+   ``j <= i``.
+
+This equals ``reference.attention`` over ``concat(unpack(prefix), new)`` with
+``causal_offset = prefix_len``. The new tokens are read dense, as they were computed: storing
+them compressed (``compress.compress_and_store``) is for the steps that follow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode import cache_launch_args, rebuild_keys, rebuild_values, soft_cap
+from .reference import PackedKeys, PackedValues
+
+__all__ = ["extend_attention"]
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold masked logits ``s [M, N]`` (float32, ``-inf`` = hidden) and values ``v [N, DV]``."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _extend_kernel(
+    Q,
+    stride_q_t,
+    stride_q_h,
+    KNew,
+    stride_kn_t,
+    stride_kn_h,
+    VNew,
+    stride_vn_t,
+    stride_vn_h,
+    Out,
+    stride_o_t,
+    stride_o_h,
+    Lse,
+    stride_lse_t,
+    KKept,
+    stride_kk_s,
+    stride_kk_h,
+    KMask,
+    KSign,
+    stride_km_s,
+    stride_km_h,
+    KFill,
+    stride_kf_s,
+    stride_kf_h,
+    V,
+    stride_v_s,
+    stride_v_h,
+    VMask,
+    stride_vm_s,
+    stride_vm_h,
+    VFill,
+    stride_vf_s,
+    stride_vf_h,
+    Stats,
+    stride_st_r,
+    stride_st_h,
+    SlotRows,
+    qo_indptr,
+    prefix_indptr,
+    prefix_indices,
+    sm_scale,
+    logit_cap,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    MEAN_RECOVERY: tl.constexpr,
+    VALUES_PACKED: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    m_block = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(qo_indptr + batch).to(tl.int64)
+    q_len = tl.load(qo_indptr + batch + 1).to(tl.int64) - q_start
+    if m_block * BLOCK_M >= q_len:
+        return
+    prefix_start = tl.load(prefix_indptr + batch).to(tl.int64)
+    prefix_len = tl.load(prefix_indptr + batch + 1).to(tl.int64) - prefix_start
+    kv_head = head // GROUP
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < q_len
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    q = tl.load(
+        Q + (q_start + offs_m[:, None]) * stride_q_t + head * stride_q_h + offs_d[None, :],
+        mask=mask_m[:, None],
+        other=0.0,
+    ).to(KKept.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+
+    # Stage 1: the compact prefix, visible to every query.
+    for start in tl.range(0, prefix_len, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < prefix_len
+        slots = tl.load(prefix_indices + prefix_start + offs_n, mask=mask_n, other=0).to(tl.int64)
+        k = rebuild_keys(
+            slots, mask_n, kv_head,
+            KKept, stride_kk_s, stride_kk_h,
+            KMask, KSign, stride_km_s, stride_km_h,
+            KFill, stride_kf_s, stride_kf_h,
+            Stats, stride_st_r, stride_st_h, SlotRows,
+            BLOCK_N, D, MEAN_RECOVERY,
+        )  # fmt: skip
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+        if HAS_CAP:
+            s = soft_cap(s, logit_cap)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        v = rebuild_values(
+            slots, mask_n, kv_head,
+            V, stride_v_s, stride_v_h,
+            VMask, stride_vm_s, stride_vm_h,
+            VFill, stride_vf_s, stride_vf_h,
+            BLOCK_N, DV, VALUES_PACKED,
+        )  # fmt: skip
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+
+    # Stage 2: the new tokens, dense and causal; this block's last query is the bound.
+    new_end = tl.minimum(q_len, (m_block + 1) * BLOCK_M)
+    for start in tl.range(0, new_end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < new_end
+        k = tl.load(
+            KNew + (q_start + offs_n[:, None]) * stride_kn_t + kv_head * stride_kn_h + offs_d[None, :],
+            mask=mask_n[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+        if HAS_CAP:
+            s = soft_cap(s, logit_cap)
+        # Key 0 is visible to every row (padding rows included), so no row is all -inf.
+        visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        v = tl.load(
+            VNew + (q_start + offs_n[:, None]) * stride_vn_t + kv_head * stride_vn_h + offs_dv[None, :],
+            mask=mask_n[:, None],
+            other=0.0,
+        )
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+
+    rows = q_start + offs_m
+    tl.store(
+        Out + rows[:, None] * stride_o_t + head * stride_o_h + offs_dv[None, :],
+        (acc / l_i[:, None]).to(Out.dtype.element_ty),
+        mask=mask_m[:, None],
+    )
+    tl.store(Lse + rows * stride_lse_t + head, m_i + tl.log(l_i), mask=mask_m)
+
+
+def _default_blocks(head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): the rebuilt key tile and its bit/rank temporaries live in
+    registers next to the query tile, so tiles are smaller than a dense kernel's."""
+    if head_dim <= 128:
+        return 64, 32, 4
+    return 32, 16, 8
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    prefix_indptr: torch.Tensor,
+    prefix_indices: torch.Tensor,
+    keys: PackedKeys,
+    values: PackedValues | torch.Tensor,
+    window_stats: torch.Tensor,
+    slot_rows: torch.Tensor,
+    *,
+    max_q_len: int | None = None,
+    sm_scale: float | None = None,
+    logit_cap: float = 0.0,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a batch's new tokens over their compact prefix and, causally, themselves.
+
+    Args:
+        q: ``[Nq, Hq, D]`` queries of the new tokens, requests back to back.
+        k, v: ``[Nq, Hkv, D]`` / ``[Nq, Hkv, Dv]`` dense keys/values of the same tokens, in the
+            cache's dtype (last dims contiguous).
+        qo_indptr: ``[B + 1]`` int32, request ``b``'s new tokens are rows
+            ``qo_indptr[b]:qo_indptr[b + 1]`` of q/k/v.
+        prefix_indptr: ``[B + 1]`` int32, CSR offsets into ``prefix_indices``.
+        prefix_indices: ``[nnz]`` int32/int64 slot ids of each request's cached prefix, in order.
+        keys, values, window_stats, slot_rows: one layer's compact cache, as for
+            ``SparKDecodeWrapper.run``.
+        max_q_len: longest extend in the batch (sizes the grid); by default read from
+            ``qo_indptr`` (a device-to-host copy).
+        sm_scale: logit scale (default ``1/sqrt(D)``); logit_cap: ``cap * tanh(x / cap)`` when > 0.
+        out: ``[Nq, Hq, Dv]`` buffer (default: new, q's dtype); lse: ``[Nq, Hq]`` float32 buffer
+            for the natural-log LSE (default: new).
+        block_m, block_n, num_warps: tile overrides (queries per program, slots per KV tile).
+
+    Returns:
+        ``(out, lse)``.
+    """
+    num_q, num_qo_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if num_qo_heads % num_kv_heads:
+        raise ValueError(f"{num_qo_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    if k.dtype != keys.kept.dtype or v.dtype != keys.kept.dtype:
+        raise ValueError(f"new k/v ({k.dtype}, {v.dtype}) must have the cache's dtype {keys.kept.dtype}")
+    cache_args, constexprs = cache_launch_args(keys, values, window_stats, slot_rows)
+    if constexprs["D"] != head_dim or constexprs["DV"] != v.shape[-1]:
+        raise ValueError(
+            f"the cache has head dims ({constexprs['D']}, {constexprs['DV']}), q/v "
+            f"({head_dim}, {v.shape[-1]})"
+        )
+    value_dim = v.shape[-1]
+    if out is None:
+        out = torch.empty((num_q, num_qo_heads, value_dim), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((num_q, num_qo_heads), dtype=torch.float32, device=q.device)
+    if max_q_len is None:
+        max_q_len = int((qo_indptr[1:] - qo_indptr[:-1]).max()) if qo_indptr.numel() > 1 else 0
+    batch = qo_indptr.numel() - 1
+    if num_q == 0 or batch == 0 or max_q_len == 0:
+        return out, lse
+    default_m, default_n, default_warps = _default_blocks(head_dim)
+    block_m, block_n = block_m or default_m, block_n or default_n
+    _extend_kernel[(triton.cdiv(max_q_len, block_m), num_qo_heads, batch)](
+        q, q.stride(0), q.stride(1),
+        k, k.stride(0), k.stride(1),
+        v, v.stride(0), v.stride(1),
+        out, out.stride(0), out.stride(1),
+        lse, lse.stride(0),
+        *cache_args,
+        qo_indptr, prefix_indptr, prefix_indices,
+        sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim),
+        float(logit_cap),
+        GROUP=num_qo_heads // num_kv_heads,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HAS_CAP=logit_cap > 0,
+        num_warps=num_warps or default_warps,
+        **constexprs,
+    )  # fmt: skip
+    return out, lse
