@@ -524,6 +524,7 @@ class SparKDecodeWrapper:
         if lse is None:
             lse = torch.empty((batch, self.num_qo_heads), dtype=torch.float32, device=q.device)
         _check_last_dim_contiguous("out", out)
+        _check_last_dim_contiguous("lse", lse)
         cache_args, constexprs = cache_launch_args(keys, values, window_stats, slot_rows)
         if constexprs["D"] != self.head_dim or constexprs["DV"] != self.v_head_dim:
             raise ValueError(

@@ -248,6 +248,9 @@ def extend_attention(
         out = torch.empty((num_q, num_qo_heads, value_dim), dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty((num_q, num_qo_heads), dtype=torch.float32, device=q.device)
+    for name, t in (("out", out), ("lse", lse)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
     if max_q_len is None:
         max_q_len = int((qo_indptr[1:] - qo_indptr[:-1]).max()) if qo_indptr.numel() > 1 else 0
     batch = qo_indptr.numel() - 1

@@ -110,12 +110,12 @@ def test_compress_matches_reference(request, dtype, head_dim, key_ratio, recover
     assert torch.equal(key_cache.mask[at].cpu(), expect_k.mask)
     if mean:
         assert torch.equal(key_cache.sign[at].cpu(), expect_k.sign)
-        torch.testing.assert_close(key_cache.fill[at].cpu(), expect_k.fill, rtol=2e-7, atol=0)
+        torch.testing.assert_close(key_cache.fill[at].cpu(), expect_k.fill, rtol=1e-6, atol=0)
     if value_ratio:
         expect_v = reference.pack_values(v, stats[rows.long(), 1], value_ratio)
         assert torch.equal(_bits(value_cache.kept[at].cpu()), _bits(expect_v.kept))
         assert torch.equal(value_cache.mask[at].cpu(), expect_v.mask)
-        torch.testing.assert_close(value_cache.fill[at].cpu(), expect_v.fill, rtol=2e-7, atol=1e-7)
+        torch.testing.assert_close(value_cache.fill[at].cpu(), expect_v.fill, rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(_bits(value_cache[at].cpu()), _bits(v))
 
