@@ -35,7 +35,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BITS_PER_WORD = 32
 #: Bytes of the per-slot window row id (int32), shared by all layers.
 ROW_ID_BYTES = 4
-#: float32 statistics per window row, per layer and KV head: key channel norm, value channel bias.
+#: Most float32 statistics a window row holds per layer and KV head: key channel norm, value bias.
 WINDOW_STATS = 2
 
 
@@ -165,6 +165,11 @@ class SlotLayout:
             return self.head_dim * esize
         return self.value_kept * esize + 4 * self.words + 4
 
+    @property
+    def stats_per_window_row(self) -> int:
+        """float32 statistics per row, layer and head: key channel norm (+ value bias)."""
+        return WINDOW_STATS if self.values_compressed else 1
+
     def dense_bytes_per_head(self) -> int:
         return 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
@@ -189,7 +194,7 @@ def bytes_per_token(
     keys = sparse_layers * num_kv_heads * layout.key_bytes_per_head()
     values = sparse_layers * num_kv_heads * layout.value_bytes_per_head()
     dense_part = dense_layers * num_kv_heads * layout.dense_bytes_per_head()
-    window_row = sparse_layers * num_kv_heads * head_dim * 4 * WINDOW_STATS
+    window_row = sparse_layers * num_kv_heads * head_dim * 4 * layout.stats_per_window_row
     spark = keys + values + dense_part + ROW_ID_BYTES
     result = {
         "dense": float(dense),

@@ -250,7 +250,7 @@ def test_bytes_per_token_counts_side_data():
     b = R.bytes_per_token(cfg, 128, 8, 32, torch.bfloat16, tokens_per_window=1024)
     assert b["dense"] == 32 * 8 * 512
     assert b["spark"] == 32 * 8 * (164 + 256) + 4
-    assert b["spark_total"] == b["spark"] + 32 * 8 * 128 * 4 * 2 / 1024
+    assert b["spark_total"] == b["spark"] + 32 * 8 * 128 * 4 / 1024  # K-only: one statistic per row
     zero = SparKConfig(key_ratio=0.8, value_ratio=0.5, recovery="zero").layout(128, torch.float16)
     assert zero.key_bytes_per_head() == (128 - 102) * 2 + 16  # T = 26, no sign or fill
     assert zero.value_bytes_per_head() == 64 * 2 + 16 + 4

@@ -1,0 +1,50 @@
+"""Seam: SGLang sizes the KV pool with SparK's compact bytes per token.
+
+``max_total_num_tokens = available bytes // cell size``: a smaller cell gives more tokens in the
+same ``--mem-fraction-static``. The cell counts every byte the pool stores per slot, window rows
+amortised at the rate the pool provisions them.
+"""
+
+import logging
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from spark_sglang.patches.kv_pool import spark_enabled
+from spark_sglang.kernels.layout import bytes_per_token
+from spark_sglang.server_args import spark_config
+
+logger = logging.getLogger(__name__)
+
+
+def spark_cell_size(kvc, num_layers: int) -> int:
+    from sglang.srt.runtime_context import get_parallel
+
+    from spark_sglang.pool import TOKENS_PER_WINDOW_ROW
+
+    model = kvc.model_config
+    parallel = get_parallel()
+    heads = model.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size)
+    sizes = bytes_per_token(
+        spark_config(kvc.server_args), model.head_dim, heads, num_layers, kvc.kv_cache_dtype,
+        tokens_per_window=TOKENS_PER_WINDOW_ROW,
+    )  # fmt: skip
+    return int(-(-sizes["spark_total"] // 1))
+
+
+def _compute_cell_size(original, self, kvc, num_layers):
+    dense = original(self, kvc, num_layers)
+    if not spark_enabled() or kvc.use_mla_backend:
+        return dense
+    spark = spark_cell_size(kvc, num_layers)
+    logger.info(
+        "SparK KV cache: %d bytes/token dense, %d bytes/token SparK (%.1f%%): %.2fx tokens in the same memory",
+        dense, spark, 100 * spark / dense, dense / spark,
+    )  # fmt: skip
+    return spark
+
+
+def install() -> None:
+    HookRegistry.register(
+        "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+        _compute_cell_size, HookType.AROUND,
+    )  # fmt: skip

@@ -1,0 +1,188 @@
+"""The ``spark`` attention backend: SGLang's Triton backend metadata, SparK's kernels.
+
+SGLang's ``TritonAttnBackend`` already builds what the kernels need: CSR ``kv_indptr`` /
+``kv_indices`` over each request's slots (the whole sequence for decode, the cached prefix for
+extend), ``qo_indptr`` for the new tokens, and the fixed buffers CUDA-graph replay refills. This
+backend adds the SparK per-batch state and runs SparK's kernels on compressed layers; layers kept
+dense (``--spark-dense-layers``) run SGLang's own Triton kernels unchanged.
+
+Window policy: each request's extend computes a fresh row of window statistics from its last
+``min(window, extend_len)`` queries (post-RoPE) and its new values; its new tokens are compressed
+under that row and so are its later decode tokens. A radix hit reads the prefix as compressed
+under the earlier request's window. Chunked prefill: each chunk uses its own window.
+"""
+
+from __future__ import annotations
+
+import torch
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from spark_sglang.kernels.decode import SparKDecodeWrapper
+from spark_sglang.kernels.extend import extend_attention
+from spark_sglang.pool import SparKTokenToKVPool
+from spark_sglang.window_stats import batched_value_bias, batched_window_norm
+
+
+def allocated_slots(allocator) -> torch.Tensor:
+    """Bool mask over slots: allocated to a request or held by the radix cache."""
+    page = allocator.page_size
+    kvcache = allocator.get_kvcache()
+    mask = torch.ones(kvcache.size + page, dtype=torch.bool, device=allocator.device)
+    mask[:page] = False  # the padding page
+    free = allocator.get_all_free_pages().long()
+    if page == 1:
+        mask[free] = False
+    else:
+        mask.view(-1, page)[free] = False
+    return mask
+
+
+class SparKAttnBackend(TritonAttnBackend):
+    def __init__(self, model_runner):
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, SparKTokenToKVPool):
+            raise RuntimeError(
+                f"--attention-backend spark needs SparK's KV pool, but this model got {type(pool).__name__} "
+                "(hybrid, sliding-window or MLA models are not supported)"
+            )
+        super().__init__(model_runner)
+        self.pool = pool
+        self.config = pool.config
+        self.req_rows = torch.zeros(model_runner.req_to_token_pool.size + 1, dtype=torch.int32, device=self.device)
+        self.decode_wrapper = self._new_decode_wrapper()
+        self.graph_decode_wrappers: dict[int, SparKDecodeWrapper] = {}
+        self.extend_state: dict | None = None
+
+    def _new_decode_wrapper(self) -> SparKDecodeWrapper:
+        return SparKDecodeWrapper(
+            self.num_head, self.num_kv_head, self.pool.head_dim, device=self.device, max_splits=self.max_kv_splits
+        )
+
+    # --- per-batch metadata -------------------------------------------------------------------
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        if forward_batch.forward_mode.is_decode_or_idle():
+            self._assign_decode_rows(forward_batch)
+            md = self.forward_metadata
+            self.decode_wrapper.plan(md.kv_indptr, md.kv_indices, seq_lens_cpu=forward_batch.seq_lens_cpu)
+            self.active_decode_wrapper = self.decode_wrapper
+        else:
+            self._init_extend(forward_batch)
+
+    def _assign_decode_rows(self, forward_batch) -> None:
+        """Decode tokens are compressed under their request's latest window row (graph-safe)."""
+        rows = self.req_rows[forward_batch.req_pool_indices]
+        self.pool.slot_rows[forward_batch.out_cache_loc] = rows
+
+    def _init_extend(self, forward_batch) -> None:
+        if forward_batch.forward_mode != ForwardMode.EXTEND:
+            raise RuntimeError(f"the spark attention backend does not support {forward_batch.forward_mode}")
+        lens_cpu = list(forward_batch.extend_seq_lens_cpu)
+        batch = len(lens_cpu)
+        rows, fresh = self.pool.window_rows.allocate(batch, self._live_rows)
+        rows_t = torch.tensor(rows, dtype=torch.int32, device=self.device)
+        fresh_t = torch.tensor(fresh, dtype=torch.bool, device=self.device)
+        lens = forward_batch.extend_seq_lens.to(torch.int64)
+        segment = torch.repeat_interleave(torch.arange(batch, device=self.device), lens, output_size=sum(lens_cpu))
+        self.req_rows[forward_batch.req_pool_indices] = rows_t
+        self.pool.slot_rows[forward_batch.out_cache_loc] = rows_t[segment]
+        qo_indptr = self.forward_metadata.qo_indptr
+        self.extend_state = {
+            "fresh": fresh_t if not all(fresh) else None,  # None: every request writes its row
+            "rows": rows_t.long(),
+            "starts": qo_indptr[:-1].to(torch.int64),
+            "lens": lens,
+            "segment": segment,
+            "qo_indptr": qo_indptr.to(torch.int32),
+        }
+
+    def _live_rows(self) -> torch.Tensor:
+        """Window rows still referenced by an allocated slot or a running request."""
+        live = torch.zeros(self.pool.num_window_rows, dtype=torch.bool, device=self.device)
+        live[self.pool.slot_rows[allocated_slots(self.token_to_kv_pool_allocator)].long()] = True
+        free_reqs = torch.tensor(self.req_to_token_pool.free_slots, dtype=torch.long, device=self.device)
+        running = torch.ones(self.req_rows.numel(), dtype=torch.bool, device=self.device)
+        running[free_reqs] = False
+        running[0] = False
+        live[self.req_rows[running].long()] = True
+        return live
+
+    # --- CUDA graphs (decode) -----------------------------------------------------------------
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        if not forward_batch.forward_mode.is_decode_or_idle():
+            return
+        batch = forward_batch.batch_size
+        wrapper = self.graph_decode_wrappers.get(batch)
+        if wrapper is None:
+            wrapper = self.graph_decode_wrappers[batch] = self._new_decode_wrapper()
+        md = self.forward_metadata
+        wrapper.plan(md.kv_indptr[: batch + 1], md.kv_indices, seq_lens_cpu=forward_batch.seq_lens_cpu)
+        self.active_decode_wrapper = wrapper
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        super().init_forward_metadata_in_graph(forward_batch)
+        if forward_batch.forward_mode.is_decode_or_idle():
+            self._assign_decode_rows(forward_batch)
+
+    # --- attention ------------------------------------------------------------------------------
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        cache = self.pool.layer_cache(layer.layer_id)
+        if not cache.compressed:
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        self._reject_extras(kwargs)
+        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        k3 = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim).to(self.pool.dtype)
+        v3 = v.view(-1, layer.tp_v_head_num, layer.v_head_dim).to(self.pool.dtype)
+        if save_kv_cache:
+            self._write_window_stats(cache, q3, v3)
+            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k3, v3)
+        state, md = self.extend_state, self.forward_metadata
+        o = q.new_empty(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+        extend_attention(
+            q3, k3, v3, state["qo_indptr"], md.kv_indptr, md.kv_indices,
+            cache.keys, cache.values, cache.window_stats, self.pool.slot_rows,
+            max_q_len=md.max_extend_len, sm_scale=layer.scaling,
+            logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+            out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+        )  # fmt: skip
+        return o
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        cache = self.pool.layer_cache(layer.layer_id)
+        if not cache.compressed:
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        self._reject_extras(kwargs)
+        if save_kv_cache:
+            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = q.new_empty(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+        self.active_decode_wrapper.run(
+            q3, cache.keys, cache.values, cache.window_stats, self.pool.slot_rows,
+            sm_scale=layer.scaling,
+            logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+            out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+        )  # fmt: skip
+        return o
+
+    def _write_window_stats(self, cache, q3, v3) -> None:
+        """This layer's statistics for every request of the batch that got a fresh row."""
+        state = self.extend_state
+        stats = [batched_window_norm(q3, state["starts"], state["lens"], self.config.window, v3.shape[1])]
+        if cache.window_stats.shape[1] > 1:
+            stats.append(batched_value_bias(v3, state["segment"], state["rows"].numel()))
+        stats = torch.stack(stats, dim=1)  # [B, stats, Hkv, D]
+        rows = state["rows"]
+        if state["fresh"] is not None:
+            rows, stats = rows[state["fresh"]], stats[state["fresh"]]
+        cache.window_stats[rows] = stats
+
+    @staticmethod
+    def _reject_extras(kwargs) -> None:
+        extras = [name for name, value in kwargs.items() if value is not None]
+        if extras:
+            raise NotImplementedError(f"the spark attention backend does not support {extras}")

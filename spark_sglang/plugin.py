@@ -1,0 +1,12 @@
+"""SGLang plugin entry point (group ``sglang.srt.plugins``): SGLang calls ``register()`` in the
+launcher, the Engine and every scheduler process, before it reads its arguments."""
+
+from spark_sglang.patches import attention, capacity, kv_pool, refusals, server_args
+
+
+def register() -> None:
+    server_args.install()
+    refusals.install()
+    attention.install()
+    kv_pool.install()
+    capacity.install()

@@ -1,0 +1,83 @@
+"""What SparK does not support yet, refused at start-up with the option to change.
+
+Runs in the launcher (SGLang's argument-resolution pipeline), before any scheduler process starts,
+so the caller of ``sglang.Engine`` / ``launch_server`` gets an ordinary ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from spark_sglang.server_args import BACKEND_NAME, given_options, spark_config
+
+#: (server option, test on its resolved value, what to do)
+_UNSUPPORTED_OPTIONS = (
+    ("speculative_algorithm", lambda v: v is not None, "speculative decoding is not supported: drop --speculative-algorithm"),
+    ("enable_hierarchical_cache", bool, "HiCache is not supported: drop --enable-hierarchical-cache"),
+    ("enable_hisparse", bool, "HiSparse is not supported: drop --enable-hisparse"),
+    ("disaggregation_mode", lambda v: v not in (None, "null"), "PD disaggregation is not supported: drop --disaggregation-mode"),
+    ("kv_cache_dtype", lambda v: v not in (None, "auto", "bfloat16", "float16", "float32"),
+        "an FP8/FP4 KV cache cannot be combined with SparK: use --kv-cache-dtype auto"),
+    ("enable_mixed_chunk", bool, "mixed prefill/decode batches are not supported: drop --enable-mixed-chunk"),
+    ("enable_two_batch_overlap", bool, "two-batch overlap is not supported: drop --enable-two-batch-overlap"),
+    ("enable_pdmux", bool, "PD multiplexing is not supported: drop --enable-pdmux"),
+    ("enable_lmcache", bool, "LMCache is not supported: drop --enable-lmcache"),
+    ("enable_kv_cache_sharding", bool, "KV-cache sharding is not supported: drop --enable-kv-cache-sharding"),
+    ("enable_page_major_kv_layout", bool, "the page-major KV layout is not supported: drop --enable-page-major-kv-layout"),
+    ("dcp_size", lambda v: v not in (None, 1), "decode context parallelism is not supported: use --dcp-size 1"),
+)  # fmt: skip
+
+
+def unsupported_reasons(settings, backends, model_config) -> list[str]:
+    """Every reason this configuration cannot run SparK (empty: it can).
+
+    ``settings``: resolved server settings (attribute access); ``backends``: the (prefill, decode)
+    attention backends; ``model_config``: SGLang's ModelConfig.
+    """
+    reasons = []
+    if tuple(backends) != (BACKEND_NAME, BACKEND_NAME):
+        reasons.append(
+            f"--attention-backend spark cannot be mixed with another backend (prefill/decode backends "
+            f"resolve to {tuple(backends)}): drop --prefill-attention-backend / --decode-attention-backend"
+        )
+    for option, is_set, fix in _UNSUPPORTED_OPTIONS:
+        if is_set(getattr(settings, option, None)):
+            reasons.append(fix)
+    arch = str(getattr(model_config, "attention_arch", ""))
+    if arch.endswith("MLA"):
+        reasons.append("MLA models (e.g. DeepSeek) are not supported: use another attention backend")
+    if getattr(model_config, "is_hybrid_swa", False) or getattr(model_config, "attention_chunk_size", None):
+        reasons.append("hybrid sliding-window / chunked-attention models are not supported: use another attention backend")
+    if getattr(model_config, "is_encoder_decoder", False):
+        reasons.append("encoder-decoder models are not supported: use another attention backend")
+    try:
+        from sglang.srt.configs.hybrid_arch import mambaish_config
+
+        if mambaish_config(model_config) is not None:
+            reasons.append("hybrid linear-attention (Mamba-style) models are not supported: use another attention backend")
+    except ImportError:  # not in every SGLang layout; the pool check in the scheduler backs it up
+        pass
+    head_dim, v_head_dim = getattr(model_config, "head_dim", None), getattr(model_config, "v_head_dim", None)
+    if v_head_dim not in (None, head_dim):
+        reasons.append(f"models with different key and value head dims ({head_dim}, {v_head_dim}) are not supported")
+    return reasons
+
+
+def check(server_args, settings, backends, model_config) -> None:
+    """Raise one ValueError listing everything to change, or return when SparK can run."""
+    if BACKEND_NAME not in tuple(backends):
+        given = given_options(server_args)
+        if given:
+            raise ValueError(
+                f"SparK options {sorted(given)} were given but the attention backend is {tuple(backends)}: "
+                "add --attention-backend spark (attention_backend='spark')"
+            )
+        return
+    config = spark_config(server_args)  # bad option values
+    reasons = unsupported_reasons(settings, backends, model_config)
+    dtype = getattr(model_config, "dtype", None)
+    if getattr(model_config, "head_dim", None) is not None and dtype is not None:
+        try:
+            config.layout(model_config.head_dim, dtype)
+        except ValueError as error:
+            reasons.append(str(error))
+    if reasons:
+        raise ValueError("--attention-backend spark cannot start:\n  - " + "\n  - ".join(reasons))
