@@ -16,7 +16,7 @@ Prints markdown tables and writes them to ``--out`` (default ``$OUT/bench_kernel
 ``$OUT`` is set). Needs torch + triton; sglang and flashinfer are optional baselines.
 
     python benchmarks/bench_kernels.py [--out PATH] [--shapes 1x4096,64x32768] [--fragment 64]
-    python benchmarks/bench_kernels.py --dry-run   # CPU smoke test (Triton interpreter, tiny shapes)
+    python benchmarks/bench_kernels.py --dry-run   # CPU smoke test: Triton interpreter, tiny shapes
 
 ``--dry-run`` exercises the script's plumbing on a CPU through the Triton interpreter with tiny
 shapes and wall-clock timings; its numbers mean nothing.
@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -39,7 +39,12 @@ DTYPE = torch.bfloat16
 #: (batch, kv length) for decode timing.
 DECODE_SHAPES = [(1, 4096), (1, 32768), (8, 8192), (16, 16384), (32, 8192), (64, 32768)]
 #: (label, key ratio, value ratio); recovery "mean" (SparK's default, the most side data).
-SPARK_CONFIGS = [("K 0.5", 0.5, 0.0), ("K 0.8", 0.8, 0.0), ("K+V 0.5", 0.5, 0.5), ("K+V 0.8", 0.8, 0.8)]
+SPARK_CONFIGS = [
+    ("K 0.5", 0.5, 0.0),
+    ("K 0.8", 0.8, 0.0),
+    ("K+V 0.5", 0.5, 0.5),
+    ("K+V 0.8", 0.8, 0.8),
+]
 PREFILL_LEN = 8192
 COPY_BYTES = 2 << 30
 WINDOW_ROWS = 4
@@ -56,22 +61,30 @@ DRY_RUN_PREFILL_LEN = 24
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_out = os.path.join(os.environ["OUT"], "bench_kernels.md") if os.environ.get("OUT") else None
-    parser.add_argument("--out", default=default_out, help="markdown file to write (default: $OUT/bench_kernels.md)")
+    default_out = (
+        os.path.join(os.environ["OUT"], "bench_kernels.md") if os.environ.get("OUT") else None
+    )
+    parser.add_argument(
+        "--out", default=default_out, help="markdown file to write (default: $OUT/bench_kernels.md)"
+    )
     parser.add_argument(
         "--shapes",
         type=parse_shapes,
         default=None,
-        help="decode shapes as BxL,BxL,... (default: %s)" % ",".join(f"{b}x{n}" for b, n in DECODE_SHAPES),
+        help="decode shapes as BxL,BxL,... (default: {})".format(
+            ",".join(f"{b}x{n}" for b, n in DECODE_SHAPES)
+        ),
     )
     parser.add_argument(
         "--fragment",
         type=int,
         default=64,
-        help="slots are contiguous in runs of this many, runs in random order (1: every slot random)",
+        help="slots are contiguous in runs of this many, runs shuffled (1: every slot random)",
     )
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks")
-    parser.add_argument("--dry-run", action="store_true", help="CPU smoke test through the Triton interpreter")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU smoke test through the Triton interpreter"
+    )
     args = parser.parse_args(argv)
     if args.shapes is None:
         args.shapes = DRY_RUN_SHAPES if args.dry_run else DECODE_SHAPES
@@ -82,7 +95,9 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     try:
         shapes = [tuple(int(x) for x in item.lower().split("x")) for item in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shapes {text!r} must look like 1x4096,64x32768") from None
+        raise argparse.ArgumentTypeError(
+            f"shapes {text!r} must look like 1x4096,64x32768"
+        ) from None
     if any(len(s) != 2 or min(s) < 1 for s in shapes):
         raise argparse.ArgumentTypeError(f"shapes {text!r} must look like 1x4096,64x32768")
     return shapes
@@ -144,7 +159,12 @@ def window_stats(num_heads: int, head_dim: int, device, gen: torch.Generator) ->
         queries = torch.randn(32, num_heads * NUM_QO_HEADS // NUM_KV_HEADS, head_dim, generator=gen)
         values = torch.randn(64, num_heads, head_dim, generator=gen)
         rows.append(
-            torch.stack([reference.window_channel_norm(queries, num_heads), reference.value_channel_bias(values)])
+            torch.stack(
+                [
+                    reference.window_channel_norm(queries, num_heads),
+                    reference.value_channel_bias(values),
+                ]
+            )
         )
     return torch.stack(rows).to(device)
 
@@ -159,12 +179,20 @@ def empty_cache(num_slots, num_heads, head_dim, dtype, key_ratio, value_ratio, r
     keys = reference.PackedKeys(
         torch.empty(num_slots, num_heads, kept, dtype=dtype, device=device),
         torch.empty(num_slots, num_heads, words, dtype=torch.int32, device=device),
-        torch.empty(num_slots, num_heads, words, dtype=torch.int32, device=device) if mean else None,
+        torch.empty(num_slots, num_heads, words, dtype=torch.int32, device=device)
+        if mean
+        else None,
         torch.empty(num_slots, num_heads, dtype=torch.float32, device=device) if mean else None,
     )
     if value_ratio:
         values = reference.PackedValues(
-            torch.empty(num_slots, num_heads, head_dim - int(value_ratio * head_dim), dtype=dtype, device=device),
+            torch.empty(
+                num_slots,
+                num_heads,
+                head_dim - int(value_ratio * head_dim),
+                dtype=dtype,
+                device=device,
+            ),
             torch.empty(num_slots, num_heads, words, dtype=torch.int32, device=device),
             torch.empty(num_slots, num_heads, dtype=torch.float32, device=device),
         )
@@ -177,8 +205,12 @@ def spark_bytes_per_token(key_ratio: float, value_ratio: float, dtype) -> int:
     """Compact bytes per token and layer (all KV heads), as the decode kernel reads them."""
     from spark_sglang.kernels.layout import ROW_ID_BYTES, SparKConfig
 
-    layout = SparKConfig(key_ratio=key_ratio, value_ratio=value_ratio, recovery="mean").layout(HEAD_DIM, dtype)
-    return NUM_KV_HEADS * (layout.key_bytes_per_head() + layout.value_bytes_per_head()) + ROW_ID_BYTES
+    layout = SparKConfig(key_ratio=key_ratio, value_ratio=value_ratio, recovery="mean").layout(
+        HEAD_DIM, dtype
+    )
+    return (
+        NUM_KV_HEADS * (layout.key_bytes_per_head() + layout.value_bytes_per_head()) + ROW_ID_BYTES
+    )
 
 
 def dense_bytes_per_token(dtype) -> int:
@@ -205,13 +237,27 @@ def sglang_decode(q, k_pool, v_pool, kv_indptr, kv_indices, seq_lens, sm_scale):
         num_splits, seq_lens, batch, 1, num_heads, k_pool.shape[1], max_splits, cores,
         MAX_NUM_SEQ=max(256, 1 << (batch - 1).bit_length()),
     )  # fmt: skip
-    logits = torch.empty(batch, num_heads, max_splits, v_pool.shape[-1], dtype=torch.float32, device=q.device)
+    logits = torch.empty(
+        batch, num_heads, max_splits, v_pool.shape[-1], dtype=torch.float32, device=q.device
+    )
     lse = torch.empty(batch, num_heads, max_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(batch, num_heads, v_pool.shape[-1], dtype=q.dtype, device=q.device)
 
     def run():
         decode_attention_fwd(
-            q, k_pool, v_pool, out, kv_indptr, kv_indices, logits, lse, num_splits, max_splits, sm_scale, 1.0, 1.0
+            q,
+            k_pool,
+            v_pool,
+            out,
+            kv_indptr,
+            kv_indices,
+            logits,
+            lse,
+            num_splits,
+            max_splits,
+            sm_scale,
+            1.0,
+            1.0,
         )
         return out
 
@@ -226,13 +272,23 @@ def flashinfer_decode(q, k_pool, v_pool, kv_indptr, kv_indices, sm_scale):
         return None, f"flashinfer not importable ({type(exc).__name__})"
     try:
         workspace = torch.empty(256 << 20, dtype=torch.uint8, device=q.device)
-        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_tensor_cores=True
+        )
         last_page_len = torch.ones(q.shape[0], dtype=torch.int32, device=q.device)
         plan_args = (
-            kv_indptr, kv_indices.to(torch.int32), last_page_len, q.shape[1], k_pool.shape[1], k_pool.shape[2], 1
+            kv_indptr,
+            kv_indices.to(torch.int32),
+            last_page_len,
+            q.shape[1],
+            k_pool.shape[1],
+            k_pool.shape[2],
+            1,
         )
         try:
-            wrapper.plan(*plan_args, q_data_type=q.dtype, kv_data_type=k_pool.dtype, sm_scale=sm_scale)
+            wrapper.plan(
+                *plan_args, q_data_type=q.dtype, kv_data_type=k_pool.dtype, sm_scale=sm_scale
+            )
         except TypeError:  # releases before q_data_type / kv_data_type
             wrapper.plan(*plan_args, data_type=k_pool.dtype, sm_scale=sm_scale)
         paged = (k_pool.unsqueeze(1), v_pool.unsqueeze(1))  # [pages, page_size=1, Hkv, D]
@@ -285,7 +341,10 @@ def check_kernels(device, dtypes, cases) -> list[list[str]]:
 
     def record(name, dtype, shape, ok, detail):
         results.append([name, str(dtype)[6:], shape, "PASS" if ok else "FAIL", detail])
-        print(f"  {'PASS' if ok else 'FAIL'}  {name:<8} {str(dtype)[6:]:<9} {shape}  {detail}", flush=True)
+        print(
+            f"  {'PASS' if ok else 'FAIL'}  {name:<8} {str(dtype)[6:]:<9} {shape}  {detail}",
+            flush=True,
+        )
 
     def max_error(got, expect, tol):
         err = ((got.float() - expect.float()).abs() / (expect.float().abs() + 1)).max().item()
@@ -301,10 +360,21 @@ def check_kernels(device, dtypes, cases) -> list[list[str]]:
             rows = torch.randint(0, WINDOW_ROWS, (num_tokens,), generator=gen, dtype=torch.int32)
             k = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype).to(device)
             v = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(dtype).to(device)
-            keys, values = empty_cache(num_tokens + 37, NUM_KV_HEADS, HEAD_DIM, dtype, key_ratio, value_ratio, recovery, device)
+            keys, values = empty_cache(
+                num_tokens + 37,
+                NUM_KV_HEADS,
+                HEAD_DIM,
+                dtype,
+                key_ratio,
+                value_ratio,
+                recovery,
+                device,
+            )
             slot_rows = torch.zeros(num_tokens + 37, dtype=torch.int32, device=device)
             slot_rows[slots.to(device)] = rows.to(device)
-            compress.compress_and_store(k, v, slots.to(device), rows.to(device), stats, keys, values)
+            compress.compress_and_store(
+                k, v, slots.to(device), rows.to(device), stats, keys, values
+            )
 
             at = slots.to(device)
             norm = stats[rows.to(device).long(), 0]
@@ -315,11 +385,21 @@ def check_kernels(device, dtypes, cases) -> list[list[str]]:
                 ok = ok and torch.allclose(keys.fill[at], pk.fill, rtol=2e-6, atol=0)
             if value_ratio:
                 pv = reference.pack_values(v, stats[rows.to(device).long(), 1], value_ratio)
-                ok = ok and torch.equal(values.kept[at], pv.kept) and torch.equal(values.mask[at], pv.mask)
+                ok = (
+                    ok
+                    and torch.equal(values.kept[at], pv.kept)
+                    and torch.equal(values.mask[at], pv.mask)
+                )
                 ok = ok and torch.allclose(values.fill[at], pv.fill, rtol=1e-6, atol=1e-6)
             else:
                 ok = ok and torch.equal(values[at], v)
-            record("compress", dtype, f"{num_tokens} tok {config}", ok, "bit-equal" if ok else "mismatch")
+            record(
+                "compress",
+                dtype,
+                f"{num_tokens} tok {config}",
+                ok,
+                "bit-equal" if ok else "mismatch",
+            )
 
             dense_k = reference.unpack_keys(pk, norm)
             dense_v = reference.unpack_values(pv) if value_ratio else v
@@ -339,15 +419,23 @@ def check_kernels(device, dtypes, cases) -> list[list[str]]:
             for b, n in enumerate(lens):
                 if n:
                     pos = kv_pos[kv_indptr[b] : kv_indptr[b + 1]]
-                    expect, _ = reference.attention(q[b : b + 1], dense_k[pos], dense_v[pos], sm_scale)
+                    expect, _ = reference.attention(
+                        q[b : b + 1], dense_k[pos], dense_v[pos], sm_scale
+                    )
                     errors.append(max_error(out[b : b + 1], expect, tol))
             ok = all(e[0] for e in errors)
             record("decode", dtype, f"lens {lens} {config}", ok, errors[-1][1])
 
             # Extend: request b's next new_lens[b] tokens over its first lens[b] (compressed).
-            new_pos = torch.cat([torch.arange(o + n, o + n + m) for o, n, m in zip(offsets, lens, new_lens)]).to(device)
+            new_pos = torch.cat(
+                [torch.arange(o + n, o + n + m) for o, n, m in zip(offsets, lens, new_lens)]
+            ).to(device)
             qo_indptr = torch.tensor([0] + new_lens, device=device).cumsum(0).to(torch.int32)
-            qe = torch.randn(len(new_pos), NUM_QO_HEADS, HEAD_DIM, generator=gen).to(dtype).to(device)
+            qe = (
+                torch.randn(len(new_pos), NUM_QO_HEADS, HEAD_DIM, generator=gen)
+                .to(dtype)
+                .to(device)
+            )
             out, _ = extend.extend_attention(
                 qe, k[new_pos], v[new_pos], qo_indptr, kv_indptr, at[kv_pos],
                 keys, values, stats, slot_rows, max_q_len=max(new_lens), sm_scale=sm_scale,
@@ -358,8 +446,8 @@ def check_kernels(device, dtypes, cases) -> list[list[str]]:
                 new = new_pos[qo_indptr[b] : qo_indptr[b + 1]]
                 rows_b = slice(int(qo_indptr[b]), int(qo_indptr[b + 1]))
                 expect, _ = reference.attention(
-                    qe[rows_b], torch.cat([dense_k[pre], k[new]]), torch.cat([dense_v[pre], v[new]]),
-                    sm_scale, causal_offset=len(pre),
+                    qe[rows_b], torch.cat([dense_k[pre], k[new]]),
+                    torch.cat([dense_v[pre], v[new]]), sm_scale, causal_offset=len(pre),
                 )  # fmt: skip
                 errors.append(max_error(out[rows_b], expect, tol))
             ok = all(e[0] for e in errors)
@@ -380,8 +468,27 @@ def copy_bandwidth(device, timer, num_bytes) -> float:
     return 2 * num_bytes / (ms * 1e-3)
 
 
+def time_spark_decode(wrapper, q, k_pool, v_pool, stats, rows, key_ratio, value_ratio, timer):
+    """Compress the dense pool into a compact one (slot for slot) and time the planned decode."""
+    from spark_sglang.kernels import compress
+
+    num_tokens = k_pool.shape[0]
+    keys, values = empty_cache(
+        num_tokens, NUM_KV_HEADS, HEAD_DIM, DTYPE, key_ratio, value_ratio, "mean", q.device
+    )
+    compress.compress_and_store(
+        k_pool, v_pool, torch.arange(num_tokens, device=q.device), rows, stats, keys, values
+    )
+    out = torch.empty(q.shape[0], NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device=q.device)
+    lse = torch.empty(q.shape[0], NUM_QO_HEADS, dtype=torch.float32, device=q.device)
+    sm_scale = 1 / math.sqrt(HEAD_DIM)
+    return timer(
+        lambda: wrapper.run(q, keys, values, stats, rows, sm_scale=sm_scale, out=out, lse=lse)
+    )
+
+
 def bench_decode_shape(batch, kv_len, device, timer, fragment, gen) -> list[Timing]:
-    from spark_sglang.kernels import compress, decode
+    from spark_sglang.kernels import decode
 
     num_tokens = batch * kv_len
     sm_scale = 1 / math.sqrt(HEAD_DIM)
@@ -396,27 +503,25 @@ def bench_decode_shape(batch, kv_len, device, timer, fragment, gen) -> list[Timi
     dense_bytes = num_tokens * dense_bytes_per_token(DTYPE)
     timings = []
     run, why = sglang_decode(q, k_pool, v_pool, kv_indptr, slots, seq_lens, sm_scale)
-    timings.append(Timing("SGLang triton (dense)", timer(run) if run else None, dense_bytes + 8 * num_tokens, why))
+    ms = timer(run) if run else None
+    timings.append(Timing("SGLang triton (dense)", ms, dense_bytes + 8 * num_tokens, why))
     run, why = flashinfer_decode(q, k_pool, v_pool, kv_indptr, slots, sm_scale)
-    timings.append(Timing("FlashInfer (dense)", timer(run) if run else None, dense_bytes + 4 * num_tokens, why))
+    ms = timer(run) if run else None
+    timings.append(Timing("FlashInfer (dense)", ms, dense_bytes + 4 * num_tokens, why))
     run = torch_sdpa_decode(q, k_pool, v_pool, slots, batch, kv_len, sm_scale)
     timings.append(Timing("torch SDPA (dense, contiguous)", timer(run), dense_bytes))
     del run  # frees the contiguous copy
 
     stats = window_stats(NUM_KV_HEADS, HEAD_DIM, device, gen)
-    rows = torch.randint(0, WINDOW_ROWS, (num_tokens,), generator=gen, dtype=torch.int32).to(device)
+    rows = torch.randint(0, WINDOW_ROWS, (num_tokens,), generator=gen, dtype=torch.int32)
     wrapper = decode.SparKDecodeWrapper(NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, device=device)
     wrapper.plan(kv_indptr, slots, seq_lens_cpu=torch.full((batch,), kv_len))
-    out = torch.empty(batch, NUM_QO_HEADS, HEAD_DIM, dtype=DTYPE, device=device)
-    lse = torch.empty(batch, NUM_QO_HEADS, dtype=torch.float32, device=device)
     for label, key_ratio, value_ratio in SPARK_CONFIGS:
-        keys, values = empty_cache(num_tokens, NUM_KV_HEADS, HEAD_DIM, DTYPE, key_ratio, value_ratio, "mean", device)
-        # The compact pool holds the same tokens, compressed by the kernel under test.
-        compress.compress_and_store(k_pool, v_pool, torch.arange(num_tokens, device=device), rows, stats, keys, values)
-        ms = timer(lambda: wrapper.run(q, keys, values, stats, rows, sm_scale=sm_scale, out=out, lse=lse))
+        ms = time_spark_decode(
+            wrapper, q, k_pool, v_pool, stats, rows.to(device), key_ratio, value_ratio, timer
+        )
         spark_bytes = num_tokens * (spark_bytes_per_token(key_ratio, value_ratio, DTYPE) + 8)
         timings.append(Timing(f"SparK {label}", ms, spark_bytes))
-        del keys, values
     return timings
 
 
@@ -449,54 +554,67 @@ def decode_rows(batch, kv_len, timings: list[Timing], copy_bw: float) -> list[li
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_prefill(device, timer, num_new, gen) -> list[list[str]]:
+def time_spark_prefill(
+    q, k, v, stats, key_ratio, value_ratio, timer
+) -> list[tuple[str, float, float]]:
+    """(prefix, compress ms, extend ms) of one layer: the new tokens are stored compressed after
+    an equally long prefix, and attend to no prefix, then to that compressed prefix."""
     from spark_sglang.kernels import compress, extend
 
+    num_new, device = q.shape[0], q.device
+    keys, values = empty_cache(
+        2 * num_new, NUM_KV_HEADS, HEAD_DIM, DTYPE, key_ratio, value_ratio, "mean", device
+    )
+    rows = torch.zeros(2 * num_new, dtype=torch.int32, device=device)
+    prefix_slots = torch.arange(num_new, device=device)
+    new_slots = prefix_slots + num_new
+    compress.compress_and_store(k, v, prefix_slots, rows[:num_new], stats, keys, values)
+    ms_compress = timer(
+        lambda: compress.compress_and_store(k, v, new_slots, rows[:num_new], stats, keys, values)
+    )
+    qo_indptr = torch.tensor([0, num_new], dtype=torch.int32, device=device)
+    cache = (keys, values, stats, rows)
+    results = []
+    for prefix, prefix_len in (("none", 0), (f"{num_new} compressed", num_new)):
+        prefix_indptr = torch.tensor([0, prefix_len], dtype=torch.int32, device=device)
+
+        def run(prefix_indptr=prefix_indptr):
+            return extend.extend_attention(
+                q, k, v, qo_indptr, prefix_indptr, prefix_slots, *cache, max_q_len=num_new
+            )
+
+        results.append((prefix, ms_compress, timer(run)))
+    return results
+
+
+def bench_prefill(device, timer, num_new, gen) -> list[list[str]]:
     sm_scale = 1 / math.sqrt(HEAD_DIM)
-    num_slots = 2 * num_new
     q = torch.randn(num_new, NUM_QO_HEADS, HEAD_DIM, device=device, dtype=DTYPE)
     k = torch.randn(num_new, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE)
     v = torch.randn(num_new, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE)
     stats = window_stats(NUM_KV_HEADS, HEAD_DIM, device, gen)
-    rows = torch.zeros(num_slots, dtype=torch.int32, device=device)
-    prefix_slots = torch.arange(num_new, device=device)
-    new_slots = prefix_slots + num_new
-    qo_indptr = torch.tensor([0, num_new], dtype=torch.int32, device=device)
-    no_prefix = torch.zeros(2, dtype=torch.int32, device=device)
-    with_prefix = torch.tensor([0, num_new], dtype=torch.int32, device=device)
-    results = []
-
+    shape = f"1x{num_new}"
+    rows = []
     for label, key_ratio, value_ratio in (SPARK_CONFIGS[0], SPARK_CONFIGS[2]):
-        keys, values = empty_cache(num_slots, NUM_KV_HEADS, HEAD_DIM, DTYPE, key_ratio, value_ratio, "mean", device)
-        compress.compress_and_store(k, v, prefix_slots, rows[:num_new], stats, keys, values)  # the prefix
-        ms_compress = timer(lambda: compress.compress_and_store(k, v, new_slots, rows[:num_new], stats, keys, values))
-        for prefix, indptr in (("none", no_prefix), (f"{num_new} compressed", with_prefix)):
-            ms_extend = timer(
-                lambda: extend.extend_attention(
-                    q, k, v, qo_indptr, indptr, prefix_slots, keys, values, stats, rows,
-                    max_q_len=num_new, sm_scale=sm_scale,
-                )  # fmt: skip
-            )
-            results.append(
-                [
-                    f"1x{num_new}",
-                    prefix,
-                    f"SparK {label}",
-                    f"{ms_compress * 1e3:.1f}",
-                    f"{ms_extend * 1e3:.1f}",
-                    f"{100 * ms_compress / ms_extend:.1f}%",
-                    "",
-                ]
-            )
-        del keys, values
+        for prefix, ms_compress, ms_extend in time_spark_prefill(
+            q, k, v, stats, key_ratio, value_ratio, timer
+        ):
+            ratio = f"{100 * ms_compress / ms_extend:.1f}%"
+            us = f"{ms_compress * 1e3:.1f}", f"{ms_extend * 1e3:.1f}"
+            rows.append([shape, prefix, f"SparK {label}", *us, ratio, ""])
 
-    k_pool = torch.cat([k, k])
-    v_pool = torch.cat([v, v])
-    for prefix, indptr in (("none", no_prefix), (f"{num_new} dense", with_prefix)):
-        run, why = sglang_extend(q, k, v, k_pool, v_pool, qo_indptr, indptr, prefix_slots, num_new, sm_scale)
+    # SGLang's dense extend over the same tokens: slot s < num_new holds prefix token s.
+    k_pool, v_pool = torch.cat([k, k]), torch.cat([v, v])
+    qo_indptr = torch.tensor([0, num_new], dtype=torch.int32, device=device)
+    prefix_slots = torch.arange(num_new, device=device)
+    for prefix, prefix_len in (("none", 0), (f"{num_new} dense", num_new)):
+        prefix_indptr = torch.tensor([0, prefix_len], dtype=torch.int32, device=device)
+        run, why = sglang_extend(
+            q, k, v, k_pool, v_pool, qo_indptr, prefix_indptr, prefix_slots, num_new, sm_scale
+        )
         ms = f"{timer(run) * 1e3:.1f}" if run else "n/a"
-        results.append([f"1x{num_new}", prefix, "SGLang triton extend (dense)", "", ms, "", why])
-    return results
+        rows.append([shape, prefix, "SGLang triton extend (dense)", "", ms, "", why])
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,13 +637,18 @@ def main(argv=None) -> int:
     timer = make_timer(args.dry_run)
     gen = torch.Generator().manual_seed(1234)
     sections = []
-    name = "CPU dry run (Triton interpreter; timings meaningless)" if args.dry_run else torch.cuda.get_device_name()
+    name = (
+        "CPU dry run (Triton interpreter; timings meaningless)"
+        if args.dry_run
+        else torch.cuda.get_device_name()
+    )
     import triton
 
     sections.append(
-        f"# SparK kernel benchmark\n\ndevice: {name}; torch {torch.__version__}, triton {triton.__version__}; "
-        f"Llama-3.1-8B geometry: {NUM_QO_HEADS} q heads, {NUM_KV_HEADS} KV heads, head dim {HEAD_DIM}, "
-        f"{str(DTYPE)[6:]}; 'mean' recovery; slots contiguous in runs of {args.fragment}."
+        f"# SparK kernel benchmark\n\ndevice: {name}; torch {torch.__version__}, "
+        f"triton {triton.__version__}; Llama-3.1-8B geometry: {NUM_QO_HEADS} q heads, "
+        f"{NUM_KV_HEADS} KV heads, head dim {HEAD_DIM}, {str(DTYPE)[6:]}; 'mean' recovery; "
+        f"slots contiguous in runs of {args.fragment}."
     )
 
     if not args.skip_checks:
@@ -556,20 +679,31 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     sections.append(
-        f"## Decode\n\nCopy bandwidth (read + write of a {copy_bytes >> 20} MiB device-to-device copy): "
-        f"{copy_bw / 1e9:.0f} GB/s. "
-        "Bytes read: the KV each kernel must read (compact or dense, side data and slot ids included). "
-        "Speed-up columns: baseline time / this kernel's time.\n\n" + markdown_table(header, rows)
+        f"## Decode\n\nCopy bandwidth (read + write of a {copy_bytes >> 20} MiB "
+        f"device-to-device copy): {copy_bw / 1e9:.0f} GB/s. Bytes read: the KV each kernel must "
+        "read (compact or dense, side data and slot ids included). Speed-up columns: baseline "
+        "time / this kernel's time.\n\n" + markdown_table(header, rows)
     )
 
     print("== compress-on-write vs extend attention (one layer)", flush=True)
-    prefill = bench_prefill(device, timer, DRY_RUN_PREFILL_LEN if args.dry_run else PREFILL_LEN, gen)
+    prefill = bench_prefill(
+        device, timer, DRY_RUN_PREFILL_LEN if args.dry_run else PREFILL_LEN, gen
+    )
     for row in prefill:
         print("  " + " | ".join(row), flush=True)
     sections.append(
         "## Prefill: compress-on-write vs extend attention (one layer)\n\n"
         + markdown_table(
-            ["batch x new", "prefix", "kernel", "compress us", "extend us", "compress / extend", "note"], prefill
+            [
+                "batch x new",
+                "prefix",
+                "kernel",
+                "compress us",
+                "extend us",
+                "compress / extend",
+                "note",
+            ],
+            prefill,
         )
     )
 

@@ -145,9 +145,15 @@ def _compress_kernel(
     )  # fmt: skip
     if MEAN_RECOVERY:
         negative = (~(kf > 0)).to(tl.int32)  # the reference's ~(k > 0): NaN counts as negative
-        tl.store(KSign + slot * stride_km_s + head * stride_km_h + tl.arange(0, D // 32), _pack_words(negative, D))
+        tl.store(
+            KSign + slot * stride_km_s + head * stride_km_h + tl.arange(0, D // 32),
+            _pack_words(negative, D),
+        )
         pruned_sum = tl.sum(tl.where(kept, 0.0, saliency), axis=0)
-        fill = tl.sqrt_rn(tl.div_rn(pruned_sum, tl.full([], KEY_PRUNED + (KEY_PRUNED == 0), tl.float32)))
+        # Divide by P, or by 1 when nothing is pruned (the reference's clamp_min(1)).
+        fill = tl.sqrt_rn(
+            tl.div_rn(pruned_sum, tl.full([], KEY_PRUNED + (KEY_PRUNED == 0), tl.float32))
+        )
         tl.store(KFill + slot * stride_kf_s + head * stride_kf_h, fill)
 
     # Values.
@@ -164,7 +170,10 @@ def _compress_kernel(
             False, VALUE_PRUNED, D, CHUNK,
         )  # fmt: skip
         pruned_sum = tl.sum(tl.where(v_kept, 0.0, vf), axis=0)
-        tl.store(VFill + slot * stride_vf_s + head * stride_vf_h, tl.div_rn(pruned_sum, tl.full([], VALUE_PRUNED + (VALUE_PRUNED == 0), tl.float32)))
+        tl.store(
+            VFill + slot * stride_vf_s + head * stride_vf_h,
+            tl.div_rn(pruned_sum, tl.full([], VALUE_PRUNED + (VALUE_PRUNED == 0), tl.float32)),
+        )
     else:
         tl.store(VOut + v_out + offs, v)
 
@@ -191,8 +200,8 @@ def compress_and_store(
             int32, and for "mean" recovery ``sign`` (same shape and strides as ``mask``) and
             ``fill [S, Hkv]`` float32; ``sign is None`` selects "zero" recovery. ``T`` fixes the
             number of pruned channels ``D - T``.
-        value_cache: dense ``[S, Hkv, D]`` (copied into), or ``PackedValues`` (``kept [S, Hkv, Tv]``,
-            ``mask [S, Hkv, D/32]`` int32, ``fill [S, Hkv]`` float32).
+        value_cache: dense ``[S, Hkv, D]`` (copied into), or ``PackedValues``
+            (``kept [S, Hkv, Tv]``, ``mask [S, Hkv, D/32]`` int32, ``fill [S, Hkv]`` float32).
 
     Writes ``key_cache`` / ``value_cache`` at ``slots``, bit-equal to ``reference.pack_keys`` /
     ``reference.pack_values`` on kept entries, bitmaps and signs; ``fill`` to float32 rounding
@@ -203,14 +212,21 @@ def compress_and_store(
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if head_dim % 32 or head_dim < 32:
         raise ValueError(f"head_dim={head_dim} must be a multiple of 32")
-    for name, t in (("k", k), ("v", v), ("window_stats", window_stats), ("key_cache.kept", key_cache.kept)):
+    for name, t in (
+        ("k", k),
+        ("v", v),
+        ("window_stats", window_stats),
+        ("key_cache.kept", key_cache.kept),
+    ):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
     if k.dtype != key_cache.kept.dtype:
         raise ValueError(f"k is {k.dtype}, the key cache {key_cache.kept.dtype}")
     mean = key_cache.sign is not None
     if mean != (key_cache.fill is not None):
-        raise ValueError("PackedKeys.sign and PackedKeys.fill must both be set ('mean') or both None")
+        raise ValueError(
+            "PackedKeys.sign and PackedKeys.fill must both be set ('mean') or both None"
+        )
     if mean and key_cache.sign.stride() != key_cache.mask.stride():
         raise ValueError("PackedKeys.sign must have the same strides as PackedKeys.mask")
     if num_tokens == 0:

@@ -313,7 +313,9 @@ def _merge_splits_kernel(
 
 def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+        raise ValueError(
+            f"{name} must be contiguous in its last dimension, got strides {t.stride()}"
+        )
 
 
 def cache_launch_args(
@@ -329,11 +331,17 @@ def cache_launch_args(
     head_dim = keys.mask.shape[-1] * 32
     mean = keys.sign is not None
     if mean != (keys.fill is not None):
-        raise ValueError("PackedKeys.sign and PackedKeys.fill must both be set ('mean') or both None")
+        raise ValueError(
+            "PackedKeys.sign and PackedKeys.fill must both be set ('mean') or both None"
+        )
     if mean and keys.sign.stride() != keys.mask.stride():
         raise ValueError("PackedKeys.sign must have the same strides as PackedKeys.mask")
     packed_values = isinstance(values, PackedValues)
-    for name, t in (("keys.kept", keys.kept), ("keys.mask", keys.mask), ("window_stats", window_stats)):
+    for name, t in (
+        ("keys.kept", keys.kept),
+        ("keys.mask", keys.mask),
+        ("window_stats", window_stats),
+    ):
         _check_last_dim_contiguous(name, t)
     v_data = values.kept if packed_values else values
     _check_last_dim_contiguous("values", v_data)
@@ -368,7 +376,7 @@ def cache_launch_args(
 def _device_sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+    return 8  # the CPU interpreter: any nominal count
 
 
 class SparKDecodeWrapper:
@@ -410,7 +418,9 @@ class SparKDecodeWrapper:
         min_split_len: int | None = None,
     ):
         if num_qo_heads % num_kv_heads:
-            raise ValueError(f"{num_qo_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+            raise ValueError(
+                f"{num_qo_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+            )
         self.num_qo_heads = num_qo_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -466,7 +476,9 @@ class SparKDecodeWrapper:
 
         if (batch, grid_splits) != (self._batch, self._grid_splits):
             shape = (batch, self.num_qo_heads, grid_splits)
-            self._mid_o = torch.empty(shape + (self.v_head_dim,), dtype=torch.float32, device=self.device)
+            self._mid_o = torch.empty(
+                shape + (self.v_head_dim,), dtype=torch.float32, device=self.device
+            )
             self._mid_lse = torch.empty(shape, dtype=torch.float32, device=self.device)
             self._num_splits = torch.empty(batch, dtype=torch.int32, device=self.device)
             self._batch, self._grid_splits = batch, grid_splits
@@ -515,12 +527,14 @@ class SparKDecodeWrapper:
         batch = q.shape[0]
         if batch != self._batch or q.shape[1] != self.num_qo_heads or q.shape[2] != self.head_dim:
             raise ValueError(
-                f"q has shape {tuple(q.shape)}, the plan is for [{self._batch}, {self.num_qo_heads}, "
-                f"{self.head_dim}]"
+                f"q has shape {tuple(q.shape)}, the plan is for "
+                f"[{self._batch}, {self.num_qo_heads}, {self.head_dim}]"
             )
         _check_last_dim_contiguous("q", q)
         if out is None:
-            out = torch.empty((batch, self.num_qo_heads, self.v_head_dim), dtype=q.dtype, device=q.device)
+            out = torch.empty(
+                (batch, self.num_qo_heads, self.v_head_dim), dtype=q.dtype, device=q.device
+            )
         if lse is None:
             lse = torch.empty((batch, self.num_qo_heads), dtype=torch.float32, device=q.device)
         _check_last_dim_contiguous("out", out)

@@ -151,7 +151,10 @@ def _extend_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < new_end
         k = tl.load(
-            KNew + (q_start + offs_n[:, None]) * stride_kn_t + kv_head * stride_kn_h + offs_d[None, :],
+            KNew
+            + (q_start + offs_n[:, None]) * stride_kn_t
+            + kv_head * stride_kn_h
+            + offs_d[None, :],
             mask=mask_n[:, None],
             other=0.0,
         )
@@ -162,7 +165,10 @@ def _extend_kernel(
         visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
         s = tl.where(visible, s, float("-inf"))
         v = tl.load(
-            VNew + (q_start + offs_n[:, None]) * stride_vn_t + kv_head * stride_vn_h + offs_dv[None, :],
+            VNew
+            + (q_start + offs_n[:, None]) * stride_vn_t
+            + kv_head * stride_vn_h
+            + offs_dv[None, :],
             mask=mask_n[:, None],
             other=0.0,
         )
@@ -231,12 +237,16 @@ def extend_attention(
     num_q, num_qo_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_qo_heads % num_kv_heads:
-        raise ValueError(f"{num_qo_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+        raise ValueError(
+            f"{num_qo_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
     if k.dtype != keys.kept.dtype or v.dtype != keys.kept.dtype:
-        raise ValueError(f"new k/v ({k.dtype}, {v.dtype}) must have the cache's dtype {keys.kept.dtype}")
+        raise ValueError(
+            f"new k/v ({k.dtype}, {v.dtype}) must have the cache's dtype {keys.kept.dtype}"
+        )
     cache_args, constexprs = cache_launch_args(keys, values, window_stats, slot_rows)
     if constexprs["D"] != head_dim or constexprs["DV"] != v.shape[-1]:
         raise ValueError(

@@ -72,9 +72,13 @@ def _case_id(case) -> str:
 
 
 @pytest.mark.parametrize(
-    "dtype,head_dim,key_ratio,recovery,value_ratio,slot_dtype,ties", CASES, ids=[_case_id(c) for c in CASES]
+    "dtype,head_dim,key_ratio,recovery,value_ratio,slot_dtype,ties",
+    CASES,
+    ids=[_case_id(c) for c in CASES],
 )
-def test_compress_matches_reference(request, dtype, head_dim, key_ratio, recovery, value_ratio, slot_dtype, ties):
+def test_compress_matches_reference(
+    request, dtype, head_dim, key_ratio, recovery, value_ratio, slot_dtype, ties
+):
     gen = _generator(request)
     num_tokens, num_heads, num_slots, num_rows = 21, 2, 64, 3
     words = head_dim // 32
@@ -98,10 +102,20 @@ def test_compress_matches_reference(request, dtype, head_dim, key_ratio, recover
         )
     else:
         value_cache = _poisoned((num_slots, num_heads, head_dim), dtype)
-    before = [t.clone() for t in (*key_cache, *(value_cache if value_ratio else (value_cache,))) if t is not None]
+    before = [
+        t.clone()
+        for t in (*key_cache, *(value_cache if value_ratio else (value_cache,)))
+        if t is not None
+    ]
 
     compress.compress_and_store(
-        k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), rows.to(DEVICE), stats.to(DEVICE), key_cache, value_cache
+        k.to(DEVICE),
+        v.to(DEVICE),
+        slots.to(DEVICE),
+        rows.to(DEVICE),
+        stats.to(DEVICE),
+        key_cache,
+        value_cache,
     )
 
     at = slots.long().to(DEVICE)
@@ -122,17 +136,25 @@ def test_compress_matches_reference(request, dtype, head_dim, key_ratio, recover
     # Slots outside the batch keep their poison, bit for bit.
     untouched = torch.ones(num_slots, dtype=torch.bool)
     untouched[slots.long()] = False
-    after = [t for t in (*key_cache, *(value_cache if value_ratio else (value_cache,))) if t is not None]
+    after = [
+        t for t in (*key_cache, *(value_cache if value_ratio else (value_cache,))) if t is not None
+    ]
     for old, new in zip(before, after):
         old, new = old[untouched.to(DEVICE)], new[untouched.to(DEVICE)]
-        assert torch.equal(_bits(old) if old.is_floating_point() else old, _bits(new) if new.is_floating_point() else new)
+        assert torch.equal(
+            _bits(old) if old.is_floating_point() else old,
+            _bits(new) if new.is_floating_point() else new,
+        )
 
 
 def test_compress_empty_batch_is_a_no_op():
     head_dim, num_heads = 64, 2
     k = torch.empty(0, num_heads, head_dim, device=DEVICE)
     keys = reference.PackedKeys(
-        _poisoned((4, num_heads, 32), torch.float32), _poisoned((4, num_heads, 2), torch.int32), None, None
+        _poisoned((4, num_heads, 32), torch.float32),
+        _poisoned((4, num_heads, 2), torch.int32),
+        None,
+        None,
     )
     values = _poisoned((4, num_heads, head_dim), torch.float32)
     empty = torch.empty(0, dtype=torch.int32, device=DEVICE)
@@ -149,5 +171,11 @@ def test_compress_rejects_mismatched_dtype():
     idx = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="key cache"):
         compress.compress_and_store(
-            k, k, idx, idx, torch.ones(1, 2, 1, 64, device=DEVICE), keys, _poisoned((4, 1, 64), torch.float32)
+            k,
+            k,
+            idx,
+            idx,
+            torch.ones(1, 2, 1, 64, device=DEVICE),
+            keys,
+            _poisoned((4, 1, 64), torch.float32),
         )

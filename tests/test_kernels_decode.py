@@ -48,7 +48,9 @@ def _scatter(shape, fill, live, data):
     return out
 
 
-def build_cache(gen, num_slots, live, num_heads, head_dim, dtype, key_ratio, recovery, value_ratio, num_rows=3):
+def build_cache(
+    gen, num_slots, live, num_heads, head_dim, dtype, key_ratio, recovery, value_ratio, num_rows=3
+):
     """Pack random keys/values of the ``live`` slots with the reference; every other slot, and
     one window row only they point at, hold NaN / all-ones bitmaps."""
     nan, ones = float("nan"), -1
@@ -123,7 +125,11 @@ def reference_decode(q, cache, indptr, indices, sm_scale, logit_cap):
     for b in range(q.shape[0]):
         slots = indices[indptr[b] : indptr[b + 1]].long()
         o, lse = reference.attention(
-            q[b : b + 1].cpu(), cache.dense_keys[slots], cache.dense_values[slots], sm_scale, logit_cap=logit_cap
+            q[b : b + 1].cpu(),
+            cache.dense_keys[slots],
+            cache.dense_values[slots],
+            sm_scale,
+            logit_cap=logit_cap,
         )
         outs.append(o)
         lses.append(lse)
@@ -177,14 +183,24 @@ def test_decode_matches_reference(
     # (empty trailing splits), and one with no KV at all.
     lens = [1, BLOCK_N - 1, BLOCK_N + 1, 0, 6 * BLOCK_N - 3]
     indptr, indices, num_slots = paged_batch(gen, lens, page_size)
-    cache = build_cache(gen, num_slots, indices, num_kv_heads, head_dim, dtype, key_ratio, recovery, value_ratio)
+    cache = build_cache(
+        gen, num_slots, indices, num_kv_heads, head_dim, dtype, key_ratio, recovery, value_ratio
+    )
     q = torch.randn(len(lens), num_heads, head_dim, generator=gen).to(dtype)
     sm_scale = 1.3 / math.sqrt(head_dim)
 
-    wrapper = decode.SparKDecodeWrapper(num_heads, num_kv_heads, head_dim, device=DEVICE, block_n=BLOCK_N, num_sms=10)
+    wrapper = decode.SparKDecodeWrapper(
+        num_heads, num_kv_heads, head_dim, device=DEVICE, block_n=BLOCK_N, num_sms=10
+    )
     wrapper.plan(indptr.to(DEVICE), indices.to(DEVICE), split_len=BLOCK_N)
     # The last request is clamped to the grid's 4 splits of 2 tiles each: the 4th is empty.
-    assert wrapper.grid_splits(len(lens)) == 4 and wrapper.num_splits.cpu().tolist() == [1, 1, 2, 1, 4]
+    assert wrapper.grid_splits(len(lens)) == 4 and wrapper.num_splits.cpu().tolist() == [
+        1,
+        1,
+        2,
+        1,
+        4,
+    ]
     out, lse = poisoned_outputs(len(lens), num_heads, head_dim, dtype)
     wrapper.run(
         q.to(DEVICE), cache.keys, cache.values, cache.window_stats, cache.slot_rows,
@@ -195,7 +211,9 @@ def test_decode_matches_reference(
     assert (out[empty] == 0).all() and (lse[empty] == float("-inf")).all()
     keep = [b for b in range(len(lens)) if b != empty]
     expect_out, expect_lse = reference_decode(q, cache, indptr, indices, sm_scale, logit_cap)
-    assert_close_to_reference(out[keep], lse[keep].nan_to_num(), expect_out[keep], expect_lse[keep], dtype)
+    assert_close_to_reference(
+        out[keep], lse[keep].nan_to_num(), expect_out[keep], expect_lse[keep], dtype
+    )
 
 
 def test_decode_many_splits(request):
@@ -204,13 +222,25 @@ def test_decode_many_splits(request):
     num_kv_heads, group, head_dim, dtype = 1, 4, 64, torch.float32
     lens = [300]
     indptr, indices, num_slots = paged_batch(gen, lens, 1, index_dtype=torch.int32)
-    cache = build_cache(gen, num_slots, indices.long(), num_kv_heads, head_dim, dtype, 0.5, "mean", 0.5)
+    cache = build_cache(
+        gen, num_slots, indices.long(), num_kv_heads, head_dim, dtype, 0.5, "mean", 0.5
+    )
     q = torch.randn(1, group, head_dim, generator=gen)
-    wrapper = decode.SparKDecodeWrapper(group, num_kv_heads, head_dim, device=DEVICE, num_sms=4, min_split_len=32)
+    wrapper = decode.SparKDecodeWrapper(
+        group, num_kv_heads, head_dim, device=DEVICE, num_sms=4, min_split_len=32
+    )
     wrapper.plan(indptr.to(DEVICE), indices.to(DEVICE))
     assert wrapper.num_splits.item() == 10  # cdiv(300, 32) under a grid of 16
     out, lse = poisoned_outputs(1, group, head_dim, dtype)
-    wrapper.run(q.to(DEVICE), cache.keys, cache.values, cache.window_stats, cache.slot_rows, out=out, lse=lse)
+    wrapper.run(
+        q.to(DEVICE),
+        cache.keys,
+        cache.values,
+        cache.window_stats,
+        cache.slot_rows,
+        out=out,
+        lse=lse,
+    )
     expect = reference_decode(q, cache, indptr, indices, 1 / math.sqrt(head_dim), 0.0)
     assert_close_to_reference(out, lse, *expect, dtype)
 
@@ -229,23 +259,45 @@ def test_plan_once_run_twice(request):
     out, lse = poisoned_outputs(len(lens), group * num_kv_heads, head_dim, dtype)
     results = []
     for step in range(2):
-        cache = build_cache(gen, num_slots, indices, num_kv_heads, head_dim, dtype, 0.5, "mean", 0.5 * step)
+        cache = build_cache(
+            gen, num_slots, indices, num_kv_heads, head_dim, dtype, 0.5, "mean", 0.5 * step
+        )
         q = torch.randn(len(lens), group * num_kv_heads, head_dim, generator=gen)
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
-        wrapper.run(q.to(DEVICE), cache.keys, cache.values, cache.window_stats, cache.slot_rows, out=out, lse=lse)
-        assert_close_to_reference(out, lse, *reference_decode(q, cache, indptr, indices, 1 / 8, 0.0), dtype)
+        wrapper.run(
+            q.to(DEVICE),
+            cache.keys,
+            cache.values,
+            cache.window_stats,
+            cache.slot_rows,
+            out=out,
+            lse=lse,
+        )
+        assert_close_to_reference(
+            out, lse, *reference_decode(q, cache, indptr, indices, 1 / 8, 0.0), dtype
+        )
         results.append((q, cache, out.clone()))
     # Replaying the first step's inputs gives the first step's output, bit for bit.
     q, cache, first = results[0]
-    wrapper.run(q.to(DEVICE), cache.keys, cache.values, cache.window_stats, cache.slot_rows, out=out, lse=lse)
+    wrapper.run(
+        q.to(DEVICE),
+        cache.keys,
+        cache.values,
+        cache.window_stats,
+        cache.slot_rows,
+        out=out,
+        lse=lse,
+    )
     assert torch.equal(out, first)
 
 
 def test_run_checks_the_plan():
     wrapper = decode.SparKDecodeWrapper(4, 2, 64, device=DEVICE)
     q = torch.zeros(2, 4, 64, device=DEVICE)
-    cache = build_cache(torch.Generator().manual_seed(0), 4, torch.arange(4), 2, 64, torch.float32, 0.5, "zero", 0.0)
+    cache = build_cache(
+        torch.Generator().manual_seed(0), 4, torch.arange(4), 2, 64, torch.float32, 0.5, "zero", 0.0
+    )
     args = (cache.keys, cache.values, cache.window_stats, cache.slot_rows)
     with pytest.raises(RuntimeError, match="before plan"):
         wrapper.run(q, *args)
@@ -265,7 +317,9 @@ def test_cuda_graph_replay(request):
     indptr_buf = torch.zeros(batch + 1, dtype=torch.int32, device=DEVICE)
     indices_buf = torch.zeros(capacity, dtype=torch.int64, device=DEVICE)
     q_buf = torch.zeros(batch, group * num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
-    cache = build_cache(gen, capacity, torch.arange(capacity), num_kv_heads, head_dim, dtype, 0.5, "mean", 0.5)
+    cache = build_cache(
+        gen, capacity, torch.arange(capacity), num_kv_heads, head_dim, dtype, 0.5, "mean", 0.5
+    )
     args = (cache.keys, cache.values, cache.window_stats, cache.slot_rows)
 
     def load(lens):

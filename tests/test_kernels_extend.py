@@ -34,7 +34,9 @@ def _indptr(lens) -> torch.Tensor:
     return torch.tensor([0] + list(lens), dtype=torch.int64).cumsum(0).to(torch.int32)
 
 
-def reference_extend(q, k, v, qo_indptr, prefix_keys, prefix_values, prefix_indptr, sm_scale, logit_cap):
+def reference_extend(
+    q, k, v, qo_indptr, prefix_keys, prefix_values, prefix_indptr, sm_scale, logit_cap
+):
     outs, lses = [], []
     for b in range(qo_indptr.numel() - 1):
         rows = slice(qo_indptr[b], qo_indptr[b + 1])
@@ -92,7 +94,15 @@ def test_extend_matches_reference(
     q_lens = [BLOCK_M + 1, 1, BLOCK_M - 1, 5]
     prefix_indptr, prefix_indices, num_slots = paged_batch(gen, prefix_lens, page_size)
     cache = build_cache(
-        gen, num_slots, prefix_indices, num_kv_heads, head_dim, dtype, key_ratio, recovery, value_ratio
+        gen,
+        num_slots,
+        prefix_indices,
+        num_kv_heads,
+        head_dim,
+        dtype,
+        key_ratio,
+        recovery,
+        value_ratio,
     )
     qo_indptr = _indptr(q_lens)
     num_q = sum(q_lens)
@@ -112,7 +122,15 @@ def test_extend_matches_reference(
 
     slots = prefix_indices.long()
     expect = reference_extend(
-        q, k, v, qo_indptr, cache.dense_keys[slots], cache.dense_values[slots], prefix_indptr, sm_scale, logit_cap
+        q,
+        k,
+        v,
+        qo_indptr,
+        cache.dense_keys[slots],
+        cache.dense_values[slots],
+        prefix_indptr,
+        sm_scale,
+        logit_cap,
     )
     assert_close_to_reference(out, lse, *expect, dtype)
 
@@ -120,10 +138,21 @@ def test_extend_matches_reference(
 def test_extend_empty_batch():
     q = torch.empty(0, 4, 64, device=DEVICE)
     kv = torch.empty(0, 2, 64, device=DEVICE)
-    cache = build_cache(torch.Generator().manual_seed(0), 4, torch.arange(4), 2, 64, torch.float32, 0.5, "zero", 0.0)
+    cache = build_cache(
+        torch.Generator().manual_seed(0), 4, torch.arange(4), 2, 64, torch.float32, 0.5, "zero", 0.0
+    )
     zeros = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     out, lse = extend.extend_attention(
-        q, kv, kv, zeros, zeros, zeros[:0], cache.keys, cache.values, cache.window_stats, cache.slot_rows
+        q,
+        kv,
+        kv,
+        zeros,
+        zeros,
+        zeros[:0],
+        cache.keys,
+        cache.values,
+        cache.window_stats,
+        cache.slot_rows,
     )
     assert out.shape == (0, 4, 64) and lse.shape == (0, 4)
 
@@ -141,11 +170,22 @@ def test_prefill_compress_decode_round_trip(request):
 
     # Window statistics: row b from request b's own window queries and values.
     window = torch.randn(len(q_lens), 8, num_heads, head_dim, generator=gen)
-    k_all = [torch.randn(p + n, num_kv_heads, head_dim, generator=gen) for p, n in zip(prefix_lens, q_lens)]
-    v_all = [torch.randn(p + n, num_kv_heads, head_dim, generator=gen) for p, n in zip(prefix_lens, q_lens)]
+    k_all = [
+        torch.randn(p + n, num_kv_heads, head_dim, generator=gen)
+        for p, n in zip(prefix_lens, q_lens)
+    ]
+    v_all = [
+        torch.randn(p + n, num_kv_heads, head_dim, generator=gen)
+        for p, n in zip(prefix_lens, q_lens)
+    ]
     stats = torch.stack(
         [
-            torch.stack([reference.window_channel_norm(window[b], num_kv_heads), reference.value_channel_bias(v_all[b])])
+            torch.stack(
+                [
+                    reference.window_channel_norm(window[b], num_kv_heads),
+                    reference.value_channel_bias(v_all[b]),
+                ]
+            )
             for b in range(num_rows)
         ]
     )
@@ -172,7 +212,13 @@ def test_prefill_compress_decode_round_trip(request):
         rows = torch.full((len(part_slots),), b, dtype=torch.int32)
         slot_rows[part_slots] = rows
         compress.compress_and_store(
-            part_k.to(DEVICE), part_v.to(DEVICE), part_slots.to(DEVICE), rows.to(DEVICE), stats.to(DEVICE), keys, values
+            part_k.to(DEVICE),
+            part_v.to(DEVICE),
+            part_slots.to(DEVICE),
+            rows.to(DEVICE),
+            stats.to(DEVICE),
+            keys,
+            values,
         )
 
     for b, p in enumerate(prefix_lens):
@@ -197,7 +243,15 @@ def test_prefill_compress_decode_round_trip(request):
     )  # fmt: skip
     prefix_k, prefix_v = zip(*(unpacked(b, p) for b, p in enumerate(prefix_lens)))
     expect = reference_extend(
-        q, k_new, v_new, qo_indptr, torch.cat(prefix_k), torch.cat(prefix_v), prefix_indptr, 1 / 8, 0.0
+        q,
+        k_new,
+        v_new,
+        qo_indptr,
+        torch.cat(prefix_k),
+        torch.cat(prefix_v),
+        prefix_indptr,
+        1 / 8,
+        0.0,
     )
     assert_close_to_reference(out, lse, *expect, dtype)
 
@@ -206,7 +260,9 @@ def test_prefill_compress_decode_round_trip(request):
         store(new_slots[b], k_all[b][p:], v_all[b][p:], b)
     kv_lens = [p + n for p, n in zip(prefix_lens, q_lens)]
     kv_indptr = _indptr(kv_lens).to(DEVICE)
-    kv_indices = torch.cat([torch.cat([prefix_slots[b], new_slots[b]]) for b in range(len(kv_lens))]).to(DEVICE)
+    kv_indices = torch.cat(
+        [torch.cat([prefix_slots[b], new_slots[b]]) for b in range(len(kv_lens))]
+    ).to(DEVICE)
     wrapper = decode.SparKDecodeWrapper(num_heads, num_kv_heads, head_dim, device=DEVICE)
     wrapper.plan(kv_indptr, kv_indices)
     q_dec = torch.randn(len(kv_lens), num_heads, head_dim, generator=gen)
