@@ -195,7 +195,7 @@ def compress_and_store(
         rows: ``[N]`` int32, window-statistics row of each token (the caller also records it in
             the pool-wide ``slot_rows``).
         window_stats: ``[R, 2, Hkv, D]`` float32: ``[:, 0]`` key channel norm ``Qn``,
-            ``[:, 1]`` value channel bias.
+            ``[:, 1]`` value channel bias (``[R, 1, Hkv, D]`` suffices for dense values).
         key_cache: the layer's ``PackedKeys``: ``kept [S, Hkv, T]``, ``mask [S, Hkv, D/32]``
             int32, and for "mean" recovery ``sign`` (same shape and strides as ``mask``) and
             ``fill [S, Hkv]`` float32; ``sign is None`` selects "zero" recovery. ``T`` fixes the

@@ -512,7 +512,8 @@ class SparKDecodeWrapper:
                 and ``fill [S, Hkv]`` float32 for "mean" recovery, both None for "zero".
             values: dense ``[S, Hkv, Dv]`` kv dtype, or ``PackedValues`` (``kept [S, Hkv, Tv]``,
                 ``mask [S, Hkv, Dv/32]`` int32, ``fill [S, Hkv]`` float32).
-            window_stats: ``[R, 2, Hkv, D]`` float32; ``[:, 0]`` is the key channel norm ``Qn``.
+            window_stats: ``[R, 1 or 2, Hkv, D]`` float32; ``[:, 0]`` is the key channel norm
+                ``Qn`` (the only part read here).
             slot_rows: ``[S]`` int32, each slot's row in ``window_stats``.
             sm_scale: logit scale (default ``1/sqrt(D)``); logit_cap: ``cap * tanh(x / cap)``
                 applied to scaled logits when > 0.

@@ -90,7 +90,8 @@ def build_cache(
     return Cache(
         reference.PackedKeys(*map(dev, packed_keys)),
         reference.PackedValues(*map(dev, packed_values)) if value_ratio else dev(packed_values),
-        dev(stats),
+        # Dense values: the pool may keep only Qn, a strided [R, 1, H, D] view here.
+        dev(stats if value_ratio else stats[:, :1]),
         dev(rows),
         dense_keys,
         dense_values,
