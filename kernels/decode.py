@@ -384,7 +384,7 @@ class SparKDecodeWrapper:
 
     ``plan`` runs on the host: it fixes each request's number of KV splits and allocates the
     split scratch for the batch size; ``run`` only launches two kernels (no allocation when
-    ``out`` and ``lse`` are given, no host sync), so it can be captured in a CUDA graph and
+    ``out`` is given, no host sync), so it can be captured in a CUDA graph and
     replayed after ``plan`` is called again with the same batch size. Use one wrapper per
     captured batch size: planning another batch size reallocates the scratch.
 
@@ -433,7 +433,7 @@ class SparKDecodeWrapper:
         self.min_split_len = min_split_len or 4 * self.block_n
         self._batch = -1
         self._grid_splits = 0
-        self._mid_o = self._mid_lse = self._num_splits = None
+        self._mid_o = self._mid_lse = self._num_splits = self._lse = None
         self._kv_indptr = self._kv_indices = None
 
     def grid_splits(self, batch: int) -> int:
@@ -481,6 +481,7 @@ class SparKDecodeWrapper:
             )
             self._mid_lse = torch.empty(shape, dtype=torch.float32, device=self.device)
             self._num_splits = torch.empty(batch, dtype=torch.int32, device=self.device)
+            self._lse = torch.empty(shape[:2], dtype=torch.float32, device=self.device)
             self._batch, self._grid_splits = batch, grid_splits
         self._num_splits.copy_(splits, non_blocking=True)
         self._kv_indptr, self._kv_indices = kv_indptr, kv_indices
@@ -518,7 +519,8 @@ class SparKDecodeWrapper:
             sm_scale: logit scale (default ``1/sqrt(D)``); logit_cap: ``cap * tanh(x / cap)``
                 applied to scaled logits when > 0.
             out: ``[B, Hq, Dv]`` output buffer (default: a new tensor of q's dtype).
-            lse: ``[B, Hq]`` float32 buffer for the natural-log LSE (default: a new tensor).
+            lse: ``[B, Hq]`` float32 buffer for the natural-log LSE (default: the wrapper's own,
+                overwritten by the next ``run``).
 
         Returns:
             ``(out, lse)``. A request with no KV slots gets output 0 and LSE ``-inf``.
@@ -537,7 +539,7 @@ class SparKDecodeWrapper:
                 (batch, self.num_qo_heads, self.v_head_dim), dtype=q.dtype, device=q.device
             )
         if lse is None:
-            lse = torch.empty((batch, self.num_qo_heads), dtype=torch.float32, device=q.device)
+            lse = self._lse
         _check_last_dim_contiguous("out", out)
         _check_last_dim_contiguous("lse", lse)
         cache_args, constexprs = cache_launch_args(keys, values, window_stats, slot_rows)
