@@ -21,6 +21,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from spark_sglang.kernels.decode import SparKDecodeWrapper
 from spark_sglang.kernels.extend import extend_attention
 from spark_sglang.pool import SparKTokenToKVPool
+from spark_sglang.window_rows import live_rows
 from spark_sglang.window_stats import batched_value_bias, batched_window_norm
 
 
@@ -36,6 +37,14 @@ def allocated_slots(allocator) -> torch.Tensor:
     else:
         mask.view(-1, page)[free] = False
     return mask
+
+
+def running_requests(req_to_token_pool) -> torch.Tensor:
+    """Bool mask over request slots (row 0 is padding): in use by a request."""
+    running = torch.ones(req_to_token_pool.size + 1, dtype=torch.bool, device=req_to_token_pool.device)
+    running[torch.tensor(req_to_token_pool.free_slots, dtype=torch.long, device=running.device)] = False
+    running[0] = False
+    return running
 
 
 class SparKAttnBackend(TritonAttnBackend):
@@ -99,15 +108,10 @@ class SparKAttnBackend(TritonAttnBackend):
         }
 
     def _live_rows(self) -> torch.Tensor:
-        """Window rows still referenced by an allocated slot or a running request."""
-        live = torch.zeros(self.pool.num_window_rows, dtype=torch.bool, device=self.device)
-        live[self.pool.slot_rows[allocated_slots(self.token_to_kv_pool_allocator)].long()] = True
-        free_reqs = torch.tensor(self.req_to_token_pool.free_slots, dtype=torch.long, device=self.device)
-        running = torch.ones(self.req_rows.numel(), dtype=torch.bool, device=self.device)
-        running[free_reqs] = False
-        running[0] = False
-        live[self.req_rows[running].long()] = True
-        return live
+        return live_rows(
+            self.pool.num_window_rows, self.pool.slot_rows, allocated_slots(self.token_to_kv_pool_allocator),
+            self.req_rows, running_requests(self.req_to_token_pool),
+        )  # fmt: skip
 
     # --- CUDA graphs (decode) -----------------------------------------------------------------
 

@@ -60,3 +60,12 @@ class WindowRows:
     def collect(self, live: torch.Tensor) -> None:
         """Rebuild the free list from a mask of live rows."""
         self._free = deque(torch.nonzero(~live.cpu()).flatten().tolist())
+
+
+def live_rows(num_rows: int, slot_rows: torch.Tensor, allocated: torch.Tensor, req_rows: torch.Tensor,
+              running: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Bool ``[num_rows]``: rows referenced by an allocated slot or by a running request."""
+    live = torch.zeros(num_rows, dtype=torch.bool, device=slot_rows.device)
+    live[slot_rows[allocated].long()] = True
+    live[req_rows[running].long()] = True
+    return live
