@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from test_kernels_decode import (  # noqa: E402
+from tests.test_kernels_decode import (  # noqa: E402
     DEVICE,
     assert_close_to_reference,
     build_cache,
