@@ -1,0 +1,54 @@
+"""Bad SparK options and unsupported setups stop start-up with a message naming the option.
+
+These checks run in the launcher's argument resolution, before any scheduler process starts, so
+the caller gets an ordinary exception.
+"""
+
+import pytest
+import sglang as sgl
+from sglang.srt.plugins import load_plugins
+from sglang.srt.server_args import prepare_server_args
+
+from spark_sglang.server_args import SparkServerArgs
+from spark_sglang.tiny_model import build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    return build_tiny_llama()
+
+
+def start(model_path, **options):
+    engine = sgl.Engine(model_path=model_path, device="cpu", dtype="float32", disable_cuda_graph=True,
+                        mem_fraction_static=0.02, log_level="error", **options)  # fmt: skip
+    engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(attention_backend="spark", spark_key_ratio=1.5), r"key_ratio=1\.5 is out of range.*spark_key_ratio"),
+        (dict(attention_backend="spark", spark_value_ratio=-0.1), r"value_ratio.*spark_value_ratio"),
+        (dict(attention_backend="spark", spark_window=0), r"window=0.*spark_window"),
+        (dict(attention_backend="spark", spark_dense_layers="1,x"), r"dense_layers.*spark_dense_layers"),
+        (dict(attention_backend="triton", spark_key_ratio=0.5), r"add --attention-backend spark"),
+        (dict(attention_backend="spark", enable_mixed_chunk=True), r"--enable-mixed-chunk"),
+        (dict(attention_backend="spark", decode_attention_backend="triton"), r"cannot be mixed with another backend"),
+        (dict(attention_backend="spark", kv_cache_dtype="fp8_e4m3"), r"FP8/FP4 KV cache"),
+    ],
+    ids=["key-ratio", "value-ratio", "window", "dense-layers", "not-spark", "mixed-chunk", "mixed-backends", "fp8"],
+)
+def test_engine_refuses_at_start_up(model_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        start(model_path, **options)
+
+
+def test_command_line_options_reach_server_args(model_path):
+    load_plugins()
+    args = prepare_server_args(["--model-path", model_path, "--attention-backend", "spark", "--spark-key-ratio",
+                                "0.8", "--spark-recovery", "zero", "--spark-dense-layers", "0,1"])  # fmt: skip
+    assert isinstance(args, SparkServerArgs)
+    assert (args.spark_key_ratio, args.spark_recovery, args.spark_dense_layers) == (0.8, "zero", "0,1")
+    assert args.spark_value_ratio is None  # not given: the default applies
+    with pytest.raises(SystemExit):  # argparse names the flag and its choices
+        prepare_server_args(["--model-path", model_path, "--spark-recovery", "gamma"])
