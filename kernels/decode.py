@@ -98,8 +98,8 @@ def rebuild_keys(
             mask=pruned,
             other=0.0,
         )
-        # where() before the product: rsqrt(0) = inf must not reach the multiply.
-        magnitude = fill[:, None] * tl.where(qn > 0, tl.math.rsqrt(qn), 0.0)
+        # rsqrt(0) = inf must never be computed: it would reach the multiply (inf * 0 = nan).
+        magnitude = fill[:, None] * tl.where(qn > 0, tl.math.rsqrt(tl.where(qn > 0, qn, 1.0)), 0.0)
         recovered = tl.where(negative, -magnitude, magnitude).to(k.dtype)
         k = tl.where(bits != 0, k, recovered)
     return k
