@@ -108,13 +108,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-json-tokens", type=int, default=48)
     args = parser.parse_args(argv)
 
-    from spark_sglang.embedded import embedded_server
+    from spark_sglang.embedded import embedded_server, server_info
 
     with contextlib.ExitStack() as stack:
         url = args.url
         if url is None:
             print("starting an embedded SparK server (tiny model) ...", flush=True)
             url = stack.enter_context(embedded_server(extra_args=COMPACT_JSON_ARGS))
+        elif not server_info(url).get("constrained_json_disable_any_whitespace", True):
+            print(f"note: the server runs without {COMPACT_JSON_ARGS[0]}; a weak model may fill the JSON "
+                  "budget with whitespace (raise --max-json-tokens)")
         backend = sgl.RuntimeEndpoint(url.rstrip("/"))
         sgl.set_default_backend(backend)
         try:

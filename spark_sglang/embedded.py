@@ -206,14 +206,36 @@ def _torch_dtype(name: str | None, model_config: dict):
     return getattr(torch, aliases.get(name, name))
 
 
+def _tokens_per_window_row() -> int:
+    """``spark_sglang.pool.TOKENS_PER_WINDOW_ROW``, read from its source: importing the pool would
+    import the Triton kernels, which on CPU must not happen before ``TRITON_INTERPRET`` is set."""
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("spark_sglang.pool")
+        tree = ast.parse(open(spec.origin).read())
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TOKENS_PER_WINDOW_ROW" for t in node.targets):
+                return int(ast.literal_eval(node.value))
+    except (AttributeError, OSError, SyntaxError, TypeError, ValueError):
+        pass
+    return 128
+
+
 def kv_bytes_per_token(url: str, model_path: str | None = None) -> dict:
     """KV-cache bytes per token (all layers and KV heads) of a running SparK server, dense vs SparK.
 
-    The server does not report its pool's bytes per token, so this computes them with
-    ``spark_sglang.kernels.layout.bytes_per_token`` from the server's SparK options and KV dtype
+    The server does not report its pool's bytes per token over HTTP (its log has them), so this
+    computes them as the server sizes its pool (``spark_sglang.patches.capacity``): with
+    ``spark_sglang.kernels.layout.bytes_per_token``, the server's SparK options and dtype
     (``/get_server_info``) and the model's ``config.json`` (default: the server's model path).
-    Returns ``{"dense", "spark", "ratio", "key_ratio", "value_ratio", "dtype"}``; ``spark`` counts
-    every per-token byte (side data, row id), not the per-window statistics tables.
+
+    Figures are for the whole model (all KV heads; under tensor parallelism each GPU holds its
+    share). Returns ``dense``, ``spark`` (every byte the pool holds per token: compact K/V, side data,
+    row id, window-statistics tables amortised at the rate the pool provisions them),
+    ``spark_slot`` (per-slot bytes only, tables left out), ``ratio``, ``key_ratio``,
+    ``value_ratio`` and ``dtype``.
     """
     from spark_sglang.kernels.layout import bytes_per_token
     from spark_sglang.server_args import spark_config
@@ -238,11 +260,13 @@ def kv_bytes_per_token(url: str, model_path: str | None = None) -> dict:
         if key.startswith("spark_"):
             setattr(args, key, value)
     spark = spark_config(args)
-    sizes = bytes_per_token(spark, head_dim, kv_heads, layers, dtype)
+    sizes = bytes_per_token(spark, head_dim, kv_heads, layers, dtype, tokens_per_window=_tokens_per_window_row())
+    cell = float(-(-sizes["spark_total"] // 1))  # whole bytes, as the pool's cell size
     return {
         "dense": sizes["dense"],
-        "spark": sizes["spark"],
-        "ratio": sizes["spark"] / sizes["dense"],
+        "spark": cell,
+        "spark_slot": sizes["spark"],
+        "ratio": cell / sizes["dense"],
         "key_ratio": spark.key_ratio,
         "value_ratio": spark.value_ratio,
         "dtype": str(dtype).replace("torch.", ""),

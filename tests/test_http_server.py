@@ -101,7 +101,7 @@ def test_server_info_reports_spark(url, model_path):
     # tiny model: 2 layers x 2 KV heads x head dim 32, float32 K and V
     assert sizes["dense"] == 2 * 2 * 2 * 32 * 4
     assert sizes["key_ratio"] == KEY_RATIO
-    assert 0 < sizes["spark"] < sizes["dense"]
+    assert 0 < sizes["spark_slot"] <= sizes["spark"] < sizes["dense"]
 
 
 def test_multi_turn_agent_example(url):
@@ -151,3 +151,20 @@ def test_bad_option_fails_fast_naming_it(model_path, tmp_path):
     assert "spark_key_ratio" in text, text[-3000:]
     assert "out of range" in text, text[-3000:]
     print(f"refused in {time.monotonic() - start:.1f} s")
+
+
+def test_agent_protocol_and_tools_offline():
+    agent = load_example("multi_turn_agent")
+    assert agent.parse_reply("x CALL calculator(17*23) y") == ("call", "calculator", "17*23")
+    assert agent.parse_reply("ANSWER: 391") == ("answer", "391")
+    assert agent.parse_reply("\x00gibberish")[0] == "none"
+    assert agent.parse_reply(None)[0] == "none"
+    assert agent.parse_reply("CALL rm(-rf)")[0] == "none"  # only the listed tools
+    assert agent.run_tool("calculator", "(2 ** 10) % 7") == "2"
+    assert agent.run_tool("calculator", "__import__('os')").startswith("error")
+    assert agent.run_tool("list_files", "no") == "notes.txt"
+    assert agent.run_tool("read_file", "/etc/passwd").startswith("error")
+    import re
+
+    assert re.fullmatch(agent.PROTOCOL_REGEX, "CALL list_files()")
+    assert re.fullmatch(agent.PROTOCOL_REGEX, "ANSWER 42")
