@@ -14,6 +14,8 @@ under the earlier request's window. Chunked prefill: each chunk uses its own win
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -23,6 +25,17 @@ from spark_sglang.kernels.extend import extend_attention
 from spark_sglang.pool import SparKTokenToKVPool
 from spark_sglang.window_rows import live_rows
 from spark_sglang.window_stats import batched_value_bias, batched_window_norm
+
+
+class ExtendState(NamedTuple):
+    """Per-batch SparK state of an extend, shared by every layer."""
+
+    rows: torch.Tensor  # [B] int64 window row of each request
+    fresh: torch.Tensor | None  # [B] bool: rows whose statistics this batch writes (None: all)
+    starts: torch.Tensor  # [B] int64 first row of each request in q/k/v
+    lens: torch.Tensor  # [B] int64 new tokens of each request
+    segment: torch.Tensor  # [N] int64 request of each new token
+    qo_indptr: torch.Tensor  # [B + 1] int32
 
 
 def allocated_slots(allocator) -> torch.Tensor:
@@ -61,7 +74,7 @@ class SparKAttnBackend(TritonAttnBackend):
         self.req_rows = torch.zeros(model_runner.req_to_token_pool.size + 1, dtype=torch.int32, device=self.device)
         self.decode_wrapper = self._new_decode_wrapper()
         self.graph_decode_wrappers: dict[int, SparKDecodeWrapper] = {}
-        self.extend_state: dict | None = None
+        self.extend_state: ExtendState | None = None
 
     def _new_decode_wrapper(self) -> SparKDecodeWrapper:
         return SparKDecodeWrapper(
@@ -98,14 +111,14 @@ class SparKAttnBackend(TritonAttnBackend):
         self.req_rows[forward_batch.req_pool_indices] = rows_t
         self.pool.slot_rows[forward_batch.out_cache_loc] = rows_t[segment]
         qo_indptr = self.forward_metadata.qo_indptr
-        self.extend_state = {
-            "fresh": fresh_t if not all(fresh) else None,  # None: every request writes its row
-            "rows": rows_t.long(),
-            "starts": qo_indptr[:-1].to(torch.int64),
-            "lens": lens,
-            "segment": segment,
-            "qo_indptr": qo_indptr.to(torch.int32),
-        }
+        self.extend_state = ExtendState(
+            rows=rows_t.long(),
+            fresh=None if all(fresh) else fresh_t,
+            starts=qo_indptr[:-1].to(torch.int64),
+            lens=lens,
+            segment=segment,
+            qo_indptr=qo_indptr.to(torch.int32),
+        )
 
     def _live_rows(self) -> torch.Tensor:
         return live_rows(
@@ -139,6 +152,8 @@ class SparKAttnBackend(TritonAttnBackend):
         if not cache.compressed:
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         self._reject_extras(kwargs)
+        if k is None or v is None:
+            raise NotImplementedError("the spark attention backend needs the new tokens' K/V (cross-layer KV reuse is not supported)")
         q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         k3 = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim).to(self.pool.dtype)
         v3 = v.view(-1, layer.tp_v_head_num, layer.v_head_dim).to(self.pool.dtype)
@@ -148,7 +163,7 @@ class SparKAttnBackend(TritonAttnBackend):
         state, md = self.extend_state, self.forward_metadata
         o = q.new_empty(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
         extend_attention(
-            q3, k3, v3, state["qo_indptr"], md.kv_indptr, md.kv_indices,
+            q3, k3, v3, state.qo_indptr, md.kv_indptr, md.kv_indices,
             cache.keys, cache.values, cache.window_stats, self.pool.slot_rows,
             max_q_len=md.max_extend_len, sm_scale=layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
@@ -176,13 +191,13 @@ class SparKAttnBackend(TritonAttnBackend):
     def _write_window_stats(self, cache, q3, v3) -> None:
         """This layer's statistics for every request of the batch that got a fresh row."""
         state = self.extend_state
-        stats = [batched_window_norm(q3, state["starts"], state["lens"], self.config.window, v3.shape[1])]
+        stats = [batched_window_norm(q3, state.starts, state.lens, self.config.window, v3.shape[1])]
         if cache.window_stats.shape[1] > 1:
-            stats.append(batched_value_bias(v3, state["segment"], state["rows"].numel()))
+            stats.append(batched_value_bias(v3, state.segment, state.rows.numel()))
         stats = torch.stack(stats, dim=1)  # [B, stats, Hkv, D]
-        rows = state["rows"]
-        if state["fresh"] is not None:
-            rows, stats = rows[state["fresh"]], stats[state["fresh"]]
+        rows = state.rows
+        if state.fresh is not None:
+            rows, stats = rows[state.fresh], stats[state.fresh]
         cache.window_stats[rows] = stats
 
     @staticmethod

@@ -23,6 +23,7 @@ _UNSUPPORTED_OPTIONS = (
     ("enable_kv_cache_sharding", bool, "KV-cache sharding is not supported: drop --enable-kv-cache-sharding"),
     ("enable_page_major_kv_layout", bool, "the page-major KV layout is not supported: drop --enable-page-major-kv-layout"),
     ("dcp_size", lambda v: v not in (None, 1), "decode context parallelism is not supported: use --dcp-size 1"),
+    ("enable_dp_attention", bool, "DP attention is not supported: drop --enable-dp-attention"),
 )  # fmt: skip
 
 

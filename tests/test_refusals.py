@@ -52,3 +52,13 @@ def test_command_line_options_reach_server_args(model_path):
     assert args.spark_value_ratio is None  # not given: the default applies
     with pytest.raises(SystemExit):  # argparse names the flag and its choices
         prepare_server_args(["--model-path", model_path, "--spark-recovery", "gamma"])
+
+
+def test_every_refused_option_is_a_server_args_field():
+    """A renamed SGLang option would silently stop being checked: pin them to the pinned version."""
+    from sglang.srt.server_args import ServerArgs
+
+    from spark_sglang.refusals import _UNSUPPORTED_OPTIONS
+
+    fields = set(ServerArgs.__struct_fields__)
+    assert [option for option, _, _ in _UNSUPPORTED_OPTIONS if option not in fields] == []
