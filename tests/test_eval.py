@@ -367,7 +367,12 @@ def test_harness_equal_bytes_and_ordering(minilm, documents):
             assert results.mean(setting, "think-k", ratio, "rel_err") > \
                 results.mean(setting, "spark-mean-k", ratio, "rel_err")
     rows = results.rows()
-    assert len(rows) == 2 * 2 * 8 * 7  # settings x ratios x (4 channel + 4 eviction) x (all + 6 layers)
+    # (settings x (4 channel + 4 eviction) + oracle (SparK + SnapKV) + none (SparK)) x ratios
+    # x (all + 6 layers)
+    assert len(rows) == (2 * 8 + 3) * 2 * 7
+    for ratio in (0.3, 0.8):  # the oracle window is at least as good for SparK as the same question
+        assert results.mean("oracle", "spark-mean-k", ratio, "rel_err") <= \
+            1.05 * results.mean("same", "spark-mean-k", ratio, "rel_err")
 
 
 def test_cli_help():

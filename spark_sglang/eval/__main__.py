@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-len", type=int, default=384, help="context (cached) text tokens")
     p.add_argument("--query-len", type=int, default=32, help="scored held-out queries per context")
     p.add_argument("--window", type=int, default=32, help="window queries W choosing channels / tokens")
-    p.add_argument("--samples", type=int, default=32, help="max contexts (round-robin over texts)")
+    p.add_argument("--samples", type=int, default=24, help="max contexts (round-robin over texts)")
     p.add_argument("--ratios", type=_ratios, default=harness.DEFAULT_RATIOS,
                    help="pruning ratios, comma-separated, e.g. 0.3,0.5,0.8")
     p.add_argument("--topk", type=int, default=8, help="k of the top-k overlap metric")
@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-eps", type=float, default=DEFAULT_KL_EPS,
                    help="floor on compressed probabilities in KL (evicted tokens have 0)")
     p.add_argument("--seed", type=int, default=0, help="seed (choice of the other question)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 0 keeps torch's default. One thread keeps the float "
+                        "sums, so the files, identical across machines, and is the fastest on a busy "
+                        "2-core machine (the tensors are small)")
     p.add_argument("--out", default=None,
                    help=f"output path without suffix (default: {DEFAULT_OUT} for minilm, "
                         "fidelity-<model name> otherwise)")

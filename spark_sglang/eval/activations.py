@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -137,17 +138,13 @@ def capture(
     try:
         device = next(model.parameters()).device
         ids = torch.as_tensor([list(input_ids)], dtype=torch.long, device=device)
-        model(input_ids=ids, use_cache=False) if _is_causal(model) else model(input_ids=ids)
+        model(input_ids=ids, use_cache=False)
     finally:
         _RECORDERS.pop()
         model.set_attn_implementation(original)
     if not recorder.layers or any(layer.q is None for layer in recorder.layers):
         raise RuntimeError("no attention layer was captured: the model's attention bypassed the hook")
     return recorder.layers
-
-
-def _is_causal(model) -> bool:
-    return not getattr(model.config, "model_type", "") == "bert"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +327,8 @@ def build_samples(
             lm.model, lm.prefix + x + other + lm.suffix,
             q_positions=list(range(n_ctx, n_ctx + window)), kv_positions=None,
         )
+        if not samples:
+            _check_layers(pass_a, n_ctx + query_len)
         q_a = _fold([layer.q for layer in pass_a])
         samples.append(
             Sample(
@@ -347,6 +346,21 @@ def build_samples(
             )
         )
     return samples
+
+
+def _check_layers(layers: Sequence[LayerCapture], span: int) -> None:
+    """Warn where the harness's model of attention (every scored query sees every context key,
+    one logit cap) departs from the model's."""
+    windows = {layer.sliding_window for layer in layers if layer.sliding_window}
+    if windows and min(windows) < span:
+        warnings.warn(
+            f"some layers use sliding-window attention ({sorted(windows)} tokens) shorter than "
+            f"context + queries ({span}); the harness scores full attention over the context",
+            stacklevel=3,
+        )
+    if len({layer.softcap for layer in layers}) > 1:
+        warnings.warn("layers differ in attention logit soft-capping; the first layer's is used",
+                      stacklevel=3)
 
 
 def _other_question(

@@ -12,6 +12,11 @@ For each sample (see :mod:`.activations`) and each setting (``same``: window = t
   relative output error, KL(full || compressed), KL(compressed || full), top-k overlap and
   evicted attention mass.
 
+Window references (``window_references``), for SparK mean (K) and SnapKV at its bytes only:
+``oracle`` takes the scored queries themselves as the window (the best a window can do; an oracle
+for SnapKV's vote too), ``none`` ranks SparK's channels with ``Qn = 1`` (no query information).
+Between them they say how much of either method's result the window's choice accounts for.
+
 Metrics are averaged over query heads and scored queries per layer, giving per sample and layer
 one number; the report averages over layers, then over samples (mean and standard error).
 """
@@ -29,11 +34,11 @@ from spark_sglang.kernels import reference
 
 from . import budget, metrics
 from .activations import Sample
-
 from .methods import (
     CHANNEL_METHODS,
-    compress_all,
     EVICTION,
+    SPARK_MEAN_K,
+    compress_all,
     gather_tokens,
     keep_indices,
     scatter_probs,
@@ -41,9 +46,13 @@ from .methods import (
 )
 
 SETTINGS = ("same", "new")
+#: Window-sensitivity references, for SparK mean (K) and SnapKV at its bytes only.
+REFERENCE_SETTINGS = ("oracle", "none")
 SETTING_LABELS = {
     "same": "same question (window = last W context queries)",
     "new": "new question (window = another question's queries)",
+    "oracle": "oracle window (the scored queries themselves)",
+    "none": "no window (Qn = 1: channels ranked by k^2 alone; SparK only)",
 }
 METRICS = ("rel_err", "kl", "kl_rev", "topk", "evicted_mass")
 DEFAULT_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -58,6 +67,8 @@ class EvalConfig:
     kernel_size: int = 7
     eviction_index_bytes: float = 0.0
     kl_eps: float = metrics.DEFAULT_KL_EPS
+    #: also evaluate the "oracle" / "none" window references (SparK mean K and SnapKV only)
+    window_references: bool = True
 
 
 @dataclass
@@ -116,8 +127,12 @@ def evaluate_sample(sample: Sample, config: EvalConfig, shape: budget.CacheShape
     n, layers, cap = sample.num_tokens, sample.num_layers, sample.logit_cap
     full = metrics.FullAttention(q, k, v, 1.0, cap, config.topk, config.kl_eps)
 
-    def score(out: torch.Tensor, probs: torch.Tensor, evicted: bool = False) -> dict[str, torch.Tensor]:
-        compared = full.compare(out, probs, evicted)
+    def score(out, probs, log_probs, evicted=False, reuse=None) -> dict[str, torch.Tensor]:
+        """Layer means of every metric; ``reuse``: the scores of the same keys (so the same
+        probabilities) with other values, of which only the output error changes."""
+        if reuse is not None:
+            return {**reuse, "rel_err": _layer_means(metrics.relative_error(out, full.out), layers)}
+        compared = full.compare(out, probs, log_probs, evicted)
         return {name: _layer_means(x, layers) for name, x in compared.items()}
 
     records = []
@@ -130,19 +145,49 @@ def evaluate_sample(sample: Sample, config: EvalConfig, shape: budget.CacheShape
                               config.pooling, cap)
         evicted: dict[int, dict] = {}
         for ratio in config.ratios:
-            variants = compress_all(k, v, window_q, ratio, CHANNEL_METHODS, compressed_values.get(ratio))
+            variants = compress_all(k, v, window_q, ratio, CHANNEL_METHODS,
+                                    compressed_values.get(ratio))
+            by_keys: dict[int, dict] = {}  # same compressed keys -> same probabilities
             for method in CHANNEL_METHODS:
                 kc, vc = variants[method.name]
+                out, probs, log_probs = metrics.attend_log(q, kc, vc, 1.0, cap)
+                scored = score(out, probs, log_probs, reuse=by_keys.get(id(kc)))
+                by_keys.setdefault(id(kc), scored)
                 nbytes = method.bytes_per_token(shape, ratio, n)
-                records.append((setting, method.name, "", ratio, nbytes, score(*metrics.attend(q, kc, vc, 1.0, cap))))
+                records.append((setting, method.name, "", ratio, nbytes, scored))
                 frac = budget.eviction_fraction(shape, nbytes, config.eviction_index_bytes)
                 keep = budget.eviction_keep_count(n, frac)
                 if keep not in evicted:
                     idx = keep_indices(votes, keep)
-                    out, probs = metrics.attend(q, gather_tokens(k, idx), gather_tokens(v, idx), 1.0, cap)
-                    evicted[keep] = score(out, scatter_probs(probs, idx, n), evicted=True)
+                    out, probs, log_probs = metrics.attend_log(
+                        q, gather_tokens(k, idx), gather_tokens(v, idx), 1.0, cap)
+                    evicted[keep] = score(
+                        out, scatter_probs(probs, idx, n),
+                        scatter_probs(log_probs, idx, n, float("-inf")), evicted=True)
                 ebytes = budget.eviction_bytes(shape, keep / n, config.eviction_index_bytes)
                 records.append((setting, EVICTION, method.name, ratio, ebytes, evicted[keep]))
+
+    # How much the window matters: SparK mean (K) with the scored queries' own channel norm (the
+    # best any window could do) and with none (Qn = 1); SnapKV voted by the scored queries.
+    if config.window_references:
+        oracle_votes = snapkv_scores(k, q, 1.0, False, False, config.kernel_size, config.pooling, cap)
+        norms = {"oracle": reference.window_channel_norm(q, k.shape[1]),
+                 "none": torch.ones(k.shape[1], k.shape[2], device=k.device)}
+        for ratio in config.ratios:
+            nbytes = SPARK_MEAN_K.bytes_per_token(shape, ratio, n)
+            for setting, norm in norms.items():
+                kc = reference.simulate_keys_with_norm(k, norm, ratio, "mean")
+                records.append((setting, SPARK_MEAN_K.name, "", ratio, nbytes,
+                                score(*metrics.attend_log(q, kc, v, 1.0, cap))))
+            keep = budget.eviction_keep_count(
+                n, budget.eviction_fraction(shape, nbytes, config.eviction_index_bytes))
+            idx = keep_indices(oracle_votes, keep)
+            out, probs, log_probs = metrics.attend_log(
+                q, gather_tokens(k, idx), gather_tokens(v, idx), 1.0, cap)
+            scored = score(out, scatter_probs(probs, idx, n),
+                           scatter_probs(log_probs, idx, n, float("-inf")), evicted=True)
+            ebytes = budget.eviction_bytes(shape, keep / n, config.eviction_index_bytes)
+            records.append(("oracle", EVICTION, SPARK_MEAN_K.name, ratio, ebytes, scored))
     return records
 
 

@@ -79,11 +79,16 @@ def compress_all(
         saliency = reference.key_saliency(keys, key_norm)
         keep = reference.kept_mask(saliency, int(ratio * keys.shape[-1]))
         filled = {
-            "zero": torch.zeros_like(saliency),
-            "mean": reference.recovered_keys(~(keys > 0), reference.key_fill(saliency, keep), key_norm),
+            "zero": lambda: torch.zeros_like(saliency),
+            "mean": lambda: reference.recovered_keys(
+                ~(keys > 0), reference.key_fill(saliency, keep), key_norm),
+        }
+        recovered = {
+            mode: torch.where(keep, keys.float(), filled[mode]()).to(keys.dtype)
+            for mode in {m.recovery for m in spark}
         }
         for method in spark:
-            k = torch.where(keep, keys.float(), filled[method.recovery]).to(keys.dtype)
+            k = recovered[method.recovery]  # one tensor per fill: K and K+V share their keys
             v = values
             if method.values:
                 if compressed_values is None:
@@ -153,10 +158,13 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.gather(0, indices[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def scatter_probs(probs_kept: torch.Tensor, indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Probabilities over kept tokens ``[Hq, M, n]`` -> over all tokens ``[Hq, M, N]`` (0 evicted)."""
+def scatter_probs(
+    probs_kept: torch.Tensor, indices: torch.Tensor, num_tokens: int, fill: float = 0.0
+) -> torch.Tensor:
+    """Per-token values over kept tokens ``[Hq, M, n]`` -> over all tokens ``[Hq, M, N]``, ``fill``
+    at evicted tokens (0 for probabilities, ``-inf`` for log-probabilities)."""
     hq, m, _ = probs_kept.shape
     group = hq // indices.shape[1]
     idx = indices.transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, n]
-    full = probs_kept.new_zeros(hq, m, num_tokens)
+    full = probs_kept.new_full((hq, m, num_tokens), fill)
     return full.scatter_(-1, idx[:, None, :].expand(-1, m, -1), probs_kept)

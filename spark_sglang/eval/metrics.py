@@ -24,6 +24,8 @@ method without any floor: for eviction it is exactly ``-log(kept mass)``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 #: Floor on compressed probabilities inside the KL log (see module docstring).
@@ -73,12 +75,20 @@ def attend(
     The output is ``probs @ v``: :func:`reference.attention`'s output (the tests check they agree),
     computed once with the probabilities the other metrics need.
     """
-    probs = attention_probs(q, k, sm_scale, logit_cap=logit_cap)
+    out, probs, _ = attend_log(q, k, v, sm_scale, logit_cap)
+    return out, probs
+
+
+def attend_log(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, logit_cap: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`attend` plus the log-probabilities (``log_softmax`` of the logits)."""
+    log_probs = torch.log_softmax(attention_logits(q, k, sm_scale, logit_cap=logit_cap), dim=-1)
+    probs = torch.exp(log_probs)
     group = q.shape[1] // k.shape[1]
     hq, m, n = probs.shape
-    vf = v.float()
-    out = torch.einsum("kgmn,nkd->mkgd", probs.view(hq // group, group, m, n), vf)
-    return out.reshape(m, hq, v.shape[-1]), probs
+    out = torch.einsum("kgmn,nkd->mkgd", probs.view(hq // group, group, m, n), v.float())
+    return out.reshape(m, hq, v.shape[-1]), probs, log_probs
 
 
 def relative_error(out: torch.Tensor, out_full: torch.Tensor) -> torch.Tensor:
@@ -143,16 +153,25 @@ class FullAttention:
         self.topk, self.kl_eps = topk, kl_eps
 
     def compare(
-        self, out: torch.Tensor, probs: torch.Tensor, evicted: bool = True
+        self, out: torch.Tensor, probs: torch.Tensor, log_probs: torch.Tensor | None = None,
+        evicted: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Every metric, ``[Hq, M]`` each; equal to the standalone functions above.
-        ``evicted=False`` (channel methods, which never zero a token) reports 0 evicted mass."""
+        """Every metric, ``[Hq, M]`` each, as the standalone functions above compute them.
+
+        ``log_probs`` (``-inf`` at evicted tokens) saves a log; it is floored at ``log(eps)`` for
+        both KLs, which changes ``KL(compressed || full)`` by at most ``eps/e`` per token with
+        ``0 < q < eps`` (never measurable here). ``evicted=False`` (channel methods, which never
+        zero a token) reports 0 evicted mass.
+        """
         p = self.probs
+        if log_probs is None:
+            log_probs = torch.log(probs)
+        log_q = log_probs.clamp_min(math.log(self.kl_eps))
         top = torch.topk(probs, self.topk, dim=-1).indices
         return {
             "rel_err": relative_error(out, self.out),
-            "kl": self.p_log_p - (p * torch.log(probs.clamp_min(self.kl_eps))).sum(dim=-1),
-            "kl_rev": (torch.xlogy(probs, probs) - probs * self.log_p).sum(dim=-1),
+            "kl": self.p_log_p - (p * log_q).sum(dim=-1),
+            "kl_rev": (probs * (log_q - self.log_p)).sum(dim=-1),
             "topk": self.top.gather(-1, top).sum(dim=-1).float() / self.topk,
             "evicted_mass": evicted_mass(p, probs) if evicted else torch.zeros_like(self.p_log_p),
         }

@@ -144,7 +144,7 @@ def write_plot(results: Results, path: Path, title: str) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    fig.savefig(path, dpi=90, metadata={"Software": None})
     plt.close(fig)
 
 
@@ -289,6 +289,39 @@ def bytes_table(results: Results) -> list[str]:
     return lines
 
 
+def window_table(results: Results) -> list[str]:
+    """Relative error of SparK mean (K) and of SnapKV at its bytes, by where the window comes from."""
+    keys = [("same", "same question"), ("new", "new question"), ("oracle", "oracle"),
+            ("none", "no window")]
+    present = [(s, label) for s, label in keys
+               if (s, SPARK_MEAN_K.name, "", results.config.ratios[0]) in results.cells]
+    if not any(s == "oracle" for s, _ in present):
+        return []
+    head = ["ratio"] + [f"SparK mean (K), {label}" for _, label in present]
+    ev = [(s, label) for s, label in present if (s, EVICTION, SPARK_MEAN_K.name,
+                                                   results.config.ratios[0]) in results.cells]
+    head += [f"SnapKV, {label}" for _, label in ev]
+    lines = [
+        "### Window sensitivity",
+        "",
+        "Attention-output relative error of SparK mean (K), and of SnapKV at its bytes, by where "
+        "the window comes from: the same question, a new one, the scored queries themselves "
+        "(oracle: the best any window can do) or none (SparK with Qn = 1, channels ranked by k^2 "
+        "alone):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for ratio in results.config.ratios:
+        cells = [f"{ratio:g}"]
+        cells += [_fmt_metric(results.mean(s, SPARK_MEAN_K.name, ratio, "rel_err"), "rel_err")
+                  for s, _ in present]
+        cells += [_fmt_metric(results.mean(s, EVICTION, ratio, "rel_err", SPARK_MEAN_K.name),
+                              "rel_err") for s, _ in ev]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _upper_first(text: str) -> str:
     return text[:1].upper() + text[1:]
 
@@ -345,6 +378,7 @@ def generated_block(results: Results, info: RunInfo, image_name: str) -> str:
             + ", ".join(mass) + ".",
             "",
         ]
+    out += window_table(results)
     out += [f"![attention fidelity vs bytes per token]({image_name})", "", END]
     return "\n".join(out)
 
