@@ -17,6 +17,7 @@ import logging
 from typing import NamedTuple
 
 import torch
+from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
 from spark_sglang.kernels.compress import compress_and_store
@@ -88,6 +89,19 @@ class SparKTokenToKVPool(MHATokenToKVPool):
     # --- buffers -------------------------------------------------------------------------------
 
     def _create_buffers(self):
+        # In SGLang's memory-saver region, so --enable-memory-saver can release the KV cache.
+        with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
+            self._create_compact_buffers()
+        self.window_rows = WindowRows(self.num_window_rows)
+        # SGLang's shape probes (e.g. the Triton backend's v_head_dim) read k_buffer / v_buffer:
+        # dense layers give their tensors, compressed layers a storage-less tensor of the dense shape.
+        self.k_buffer = [self._dense_view(layer.keys) for layer in self.layers]
+        self.v_buffer = [self._dense_view(layer.values) for layer in self.layers]
+        self.k_scale_buffer = self.v_scale_buffer = None
+        self.native_k_scale_buffer = self.native_v_scale_buffer = None
+        self.dq_k_buffer = self.dq_v_buffer = None
+
+    def _create_compact_buffers(self):
         rows, heads, dim, words = self.size + self.page_size, self.head_num, self.head_dim, self.layout.words
         mean = self.layout.stores_sign
 
@@ -116,14 +130,6 @@ class SparKTokenToKVPool(MHATokenToKVPool):
             stats = zeros(self.num_window_rows, self.layout.stats_per_window_row, heads, dim, dtype=torch.float32)
             self.layers.append(LayerCache(keys, values, stats))
         self.slot_rows = zeros(rows, dtype=torch.int32)
-        self.window_rows = WindowRows(self.num_window_rows)
-        # SGLang's shape probes (e.g. the Triton backend's v_head_dim) read k_buffer / v_buffer:
-        # dense layers give their tensors, compressed layers a storage-less tensor of the dense shape.
-        self.k_buffer = [self._dense_view(layer.keys) for layer in self.layers]
-        self.v_buffer = [self._dense_view(layer.values) for layer in self.layers]
-        self.k_scale_buffer = self.v_scale_buffer = None
-        self.native_k_scale_buffer = self.native_v_scale_buffer = None
-        self.dq_k_buffer = self.dq_v_buffer = None
 
     def _dense_view(self, storage) -> torch.Tensor:
         if isinstance(storage, torch.Tensor):
