@@ -201,10 +201,10 @@ def main(argv=None) -> dict:
 
     from openai import OpenAI
 
-    from spark_sglang.embedded import embedded_server, kv_bytes_per_token
+    from spark_sglang.embedded import check_loopback, embedded_server, kv_bytes_per_token
 
     with contextlib.ExitStack() as stack:
-        url = args.url
+        url = args.url and check_loopback(args.url)
         if url is None:
             print("starting an embedded SparK server (tiny model) ...", flush=True)
             url = stack.enter_context(embedded_server())

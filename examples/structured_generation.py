@@ -108,10 +108,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-json-tokens", type=int, default=48)
     args = parser.parse_args(argv)
 
-    from spark_sglang.embedded import embedded_server, server_info
+    from spark_sglang.embedded import check_loopback, embedded_server, server_info
 
     with contextlib.ExitStack() as stack:
-        url = args.url
+        url = args.url and check_loopback(args.url)
         if url is None:
             print("starting an embedded SparK server (tiny model) ...", flush=True)
             url = stack.enter_context(embedded_server(extra_args=COMPACT_JSON_ARGS))

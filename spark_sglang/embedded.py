@@ -51,16 +51,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _check_loopback(url: str) -> None:
+def check_loopback(url: str) -> str:
+    """``url`` if it names this machine's loopback interface; ValueError otherwise."""
     from urllib.parse import urlparse
 
     host = urlparse(url).hostname
     if host not in (LOOPBACK, "localhost", "::1"):
-        raise ValueError(f"only loopback servers are used here, not {url!r}")
+        raise ValueError(f"only loopback servers (http://127.0.0.1:PORT) are used here, not {url!r}")
+    return url
 
 
 def _get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    _check_loopback(url)
+    check_loopback(url)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, response.read()
@@ -109,20 +111,15 @@ def server_env(tmp_dir: str, cpu: bool | None = None) -> dict[str, str]:
 
 def _stop(process: subprocess.Popen, grace: float = 20.0) -> None:
     """SIGTERM the server's process group, then SIGKILL whatever is left after ``grace`` s."""
-    try:
-        pgid = os.getpgid(process.pid)
-    except ProcessLookupError:
-        pgid = None
-    if pgid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
+    pgid = process.pid  # started with start_new_session=True: it leads its own process group
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
     try:
         process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
-    if pgid is not None:  # children may outlive the launcher: kill the rest of the group
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # children may outlive the launcher
+        os.killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
 
@@ -167,6 +164,8 @@ def embedded_server(model_path: str | None = None, *, key_ratio: float | None = 
         from spark_sglang.tiny_model import build_tiny_llama
 
         model_path = build_tiny_llama()
+    elif os.path.exists(model_path):  # the server runs in its temp folder
+        model_path = os.path.abspath(model_path)
     port = port or free_port()
     url = f"http://{LOOPBACK}:{port}"
     tmp_dir = tempfile.mkdtemp(prefix="spark-server-")
