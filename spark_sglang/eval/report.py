@@ -137,8 +137,9 @@ def write_plot(results: Results, path: Path, title: str) -> None:
             if metric != "topk":
                 ax.set_yscale("log")
             ax.set_xlabel("KV bytes per token / dense (side data included)")
-            ax.set_title(f"{setting} question: {SHORT[metric]}"
-                         + (f" (k={results.config.topk})" if metric == "topk" else ""), fontsize=10)
+            note = {"topk": f" (k={results.config.topk})",
+                    "kl": f" (eviction: q floored at {results.config.kl_eps:g})"}.get(metric, "")
+            ax.set_title(f"{setting} question: {SHORT[metric]}{note}", fontsize=10)
             ax.set_ylabel(SHORT[metric], fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
