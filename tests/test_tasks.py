@@ -146,10 +146,12 @@ def test_agreement_functions():
 
 
 def test_cli_options():
-    args = T.build_parser().parse_args(["--ratios", "0.5,0.8", "--value-ratio", "0,0.5", "--tasks",
-                                        "niah_single,common_words", "--engine-arg", "chunked_prefill_size=32768"])  # fmt: skip
+    args = T.build_parser().parse_args([
+        "--ratios", "0.5,0.8", "--value-ratio", "0,0.5", "--tasks", "niah_single,common_words",
+        "--engine-arg", "chunked_prefill_size=-1",
+    ])  # fmt: skip
     assert args.ratios == [0.5, 0.8] and args.value_ratios == [0.0, 0.5]
-    assert args.tasks == ["niah_single", "common_words"] and args.engine_arg == [("chunked_prefill_size", 32768)]
+    assert args.tasks == ["niah_single", "common_words"] and args.engine_arg == [("chunked_prefill_size", -1)]
     for bad in (["--ratios", "1.0"], ["--tasks", "nope"], ["--engine-arg", "x"]):
         with pytest.raises(SystemExit):
             T.build_parser().parse_args(bad)

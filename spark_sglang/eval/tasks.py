@@ -20,19 +20,21 @@ them (``recall``, RULER's partial credit, is reported next to it). :func:`run_su
 ratios), runs every prompt as one batch at temperature 0, and reports per task and backend the
 accuracy and how often each backend's text equals the dense backend's.
 
-Default run (embedded tiny model with random weights, CPU, about 2 minutes; its accuracy is ~0 by
-construction, only the agreement with dense is meaningful there)::
+Default run (embedded tiny model with random weights, 1 example per task, about 80 words of
+context, key ratios 0.5 and 0.8; about 3 minutes on a 2-core CPU, where the Triton interpreter makes
+SparK's prefill the slow part; its accuracy is ~0 by construction, only the agreement with dense is
+meaningful there)::
 
     python -m spark_sglang.eval.tasks --out docs/tasks.md
 
-A real model on a GPU (K only and K+V at 0.5 / 0.8, about 4k / 8k / 16k tokens of context; one
-run per length; the prompt is prefilled in one chunk so SparK scores channels with the question's
-window)::
+A real model on a GPU (K only and K+V at 0.5 / 0.8, roughly 4k / 8k / 16k tokens of context: the
+report gives the measured prompt tokens; one run per length; chunked prefill off, so each prompt is
+prefilled in one piece and SparK scores its channels with the question's window)::
 
     for W in 3000 6000 12000; do
       python -m spark_sglang.eval.tasks --model-path meta-llama/Llama-3.1-8B-Instruct \\
           --ratios 0.5,0.8 --value-ratios 0,0.5 --examples 50 --context-words $W \\
-          --max-new-tokens 64 --engine-arg chunked_prefill_size=32768 \\
+          --max-new-tokens 64 --engine-arg chunked_prefill_size=-1 \\
           --out docs/tasks_llama3.1-8b_${W}w.md
     done
 """
@@ -228,7 +230,8 @@ def filler_id(filler: str) -> str:
         return f"licenses ({COMMON_LICENSES}, {len(license_sentences())} sentences, sha256 {digest})"
     if filler == "licenses":
         return "words (built-in; licence texts not found)"
-    return {"words": "words (built-in word list, seeded sentences)", "noise": "noise (RULER's repeated sentences)"}[source]
+    names = {"words": "words (built-in word list, seeded sentences)", "noise": "noise (RULER's repeated sentences)"}
+    return names[source]
 
 
 def haystack(rng: random.Random, n_words: int, filler: str = "words") -> list[str]:
@@ -470,7 +473,8 @@ def run_suite(model_path: str | None = None, backends: list[tuple[str, dict]] | 
     Greedy (temperature 0), ``max_new_tokens`` each.
 
     Returns ``{"config", "backends", "examples", "outputs", "scores", "accuracy", "recall",
-    "agreement", "token_agreement", "prompt_tokens", "seconds"}``; ``accuracy[task][backend]`` etc.
+    "agreement", "token_agreement", "prompt_tokens", "seconds", "generate_seconds"}``, the scores
+    indexed ``[task][backend]`` (``outputs`` and ``scores``: ``[backend][task]``, one per example).
     """
     from spark_sglang.demo import engine_kwargs  # imports sglang: after TRITON_INTERPRET is set
     from spark_sglang.tiny_model import DEFAULT_DIR, build_tiny_llama
@@ -495,6 +499,7 @@ def run_suite(model_path: str | None = None, backends: list[tuple[str, dict]] | 
     outputs: dict[str, dict[str, list[dict]]] = {}
     prompt_tokens: dict[str, float] = {}
     seconds: dict[str, float] = {}
+    generate_seconds: dict[str, float] = {}
     dtype = None
     for name, kwargs in backends:
         log(f"[tasks] {name}: starting sglang.Engine ({len(prompts)} prompts)")
@@ -504,7 +509,8 @@ def run_suite(model_path: str | None = None, backends: list[tuple[str, dict]] | 
             info = engine.get_server_info()
             dtype = dtype or info.get("dtype")
             t1 = time.perf_counter()
-            results = engine.generate(prompt=prompts, sampling_params={"temperature": 0, "max_new_tokens": max_new_tokens})
+            params = {"temperature": 0, "max_new_tokens": max_new_tokens}
+            results = engine.generate(prompt=prompts, sampling_params=params)
             t2 = time.perf_counter()
         finally:
             engine.shutdown()
@@ -514,7 +520,7 @@ def run_suite(model_path: str | None = None, backends: list[tuple[str, dict]] | 
         for (task, _), r in zip(flat, results):
             outputs[name][task].append({"text": r["text"], "output_ids": list(r["output_ids"]),
                                         "prompt_tokens": r["meta_info"]["prompt_tokens"]})  # fmt: skip
-        seconds[name] = t2 - t0
+        seconds[name], generate_seconds[name] = t2 - t0, t2 - t1
         log(f"[tasks] {name}: start {t1 - t0:.1f} s, generate {t2 - t1:.1f} s")
         if name == names[0]:
             for task in tasks:
@@ -522,8 +528,10 @@ def run_suite(model_path: str | None = None, backends: list[tuple[str, dict]] | 
                 prompt_tokens[task] = sum(counts) / len(counts) if counts else 0.0
 
     ref = names[0]
-    scores = {n: {t: [ex.score(o["text"]) for ex, o in zip(examples[t], outputs[n][t])] for t in tasks} for n in names}
-    recalls = {n: {t: [ex.recall(o["text"]) for ex, o in zip(examples[t], outputs[n][t])] for t in tasks} for n in names}
+    def per_example(fn) -> dict:
+        return {n: {t: [fn(ex, o["text"]) for ex, o in zip(examples[t], outputs[n][t])] for t in tasks} for n in names}
+
+    scores, recalls = per_example(Example.score), per_example(Example.recall)
 
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs) if xs else float("nan")
@@ -544,7 +552,7 @@ def run_suite(model_path: str | None = None, backends: list[tuple[str, dict]] | 
     return {
         "config": config, "backends": backends, "examples": examples, "outputs": outputs, "scores": scores,
         "accuracy": accuracy, "recall": recall_, "agreement": agree, "token_agreement": tok_agree,
-        "prompt_tokens": prompt_tokens, "seconds": seconds,
+        "prompt_tokens": prompt_tokens, "seconds": seconds, "generate_seconds": generate_seconds,
     }  # fmt: skip
 
 
@@ -565,7 +573,7 @@ GPU_COMMAND = """\
 for W in 3000 6000 12000; do   # about 4k / 8k / 16k Llama-3 tokens of context
   python -m spark_sglang.eval.tasks --model-path meta-llama/Llama-3.1-8B-Instruct \\
       --ratios 0.5,0.8 --value-ratios 0,0.5 --examples 50 --context-words $W \\
-      --max-new-tokens 64 --engine-arg chunked_prefill_size=32768 \\
+      --max-new-tokens 64 --engine-arg chunked_prefill_size=-1 \\
       --out docs/tasks_llama3.1-8b_${W}w.md
 done"""
 
@@ -608,7 +616,8 @@ def markdown(results: dict, runtime_s: float | None = None, command: str | None 
     lines += [
         f"- machine: {c['device']}",
         f"- model: {model}, dtype {c['dtype']}",
-        f"- seed {c['seed']}, {c['num_examples']} examples per task, about {c['context_words']} words of "
+        f"- seed {c['seed']}, {c['num_examples']} example{'s' * (c['num_examples'] != 1)} per task, about "
+        f"{c['context_words']} words of "
         f"context, {c['max_new_tokens']} new tokens, filler: {c['filler']}",
         f"- backends: {', '.join(names)} (reference for agreement: {c['reference']})",
     ]
@@ -620,6 +629,12 @@ def markdown(results: dict, runtime_s: float | None = None, command: str | None 
     lines.append("")
     if c["tiny"]:
         lines += [TINY_NOTE, ""]
+    if c["device"].startswith("CPU") and len(names) > 1:
+        t = results.get("generate_seconds", {})
+        lines += ["On CPU every Triton kernel runs in the interpreter and SparK's prefill is the slow part "
+                  f"(generation here: {', '.join(f'{n} {t[n]:.0f} s' for n in names if n in t)}), hence the "
+                  "small defaults. The tiny model's tokenizer was trained on Python source, so English "
+                  "costs it about 3 tokens a word and the instructions about 200 tokens.", ""]  # fmt: skip
     lines += ["| task | prompt tokens | backend | accuracy | recall | text = dense | tokens = dense |",
               "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for t in c["tasks"]:
@@ -635,13 +650,16 @@ def markdown(results: dict, runtime_s: float | None = None, command: str | None 
               "One command per context length, K only and K+V at ratios 0.5 and 0.8 "
               "(Llama-3.1-8B-Instruct; any SGLang model that the `spark` backend accepts works):", "",
               "```bash", GPU_COMMAND, "```", "",
-              "`chunked_prefill_size=32768` prefills each prompt in one piece, so SparK scores every "
-              "context token's channels with the question's window (with chunked prefill each chunk uses "
-              "its own window; the default 8192-token chunks would compress the early context against "
-              "a mid-context window). Leave it out to measure the serving default instead. The radix "
-              "cache stays on: the prompts' shared instruction header is cached compressed, as in "
-              "serving. `--examples 50` gives a ±7-point standard error at 50% accuracy; RULER uses "
-              "500. These GPU commands have not been run yet in this repository.", ""]  # fmt: skip
+              "`chunked_prefill_size=-1` turns chunked prefill off, so each prompt is prefilled in one "
+              "piece and SparK scores every context token's channels with the question's window (with "
+              "chunked prefill each chunk uses its own window: the early context would be compressed "
+              "against a mid-context window). Leave it out to measure the serving default instead. "
+              "Words to tokens is roughly 1.3 for Llama-3 on this filler (not measured here: the "
+              "report's *prompt tokens* column gives the real length). The radix "
+              "cache stays on: a prompt may reuse the shared instruction header from it, compressed "
+              "under an earlier prompt's window, as in serving. `--examples 50` gives a ±7-point "
+              "standard error at 50% accuracy; RULER uses 500. These GPU commands have not been run "
+              "yet in this repository.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -721,11 +739,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nwrote {args.out}")
     if args.json:
         dump = {k: results[k] for k in ("config", "accuracy", "recall", "agreement", "token_agreement",
-                                        "prompt_tokens", "seconds")}  # fmt: skip
-        dump["examples"] = [{"task": t, "answers": ex.answers, "meta": ex.meta,
-                             "outputs": {n: results["outputs"][n][t][i]["text"] for n in results["outputs"]},
-                             "scores": {n: results["scores"][n][t][i] for n in results["scores"]}}
-                            for t in results["config"]["tasks"] for i, ex in enumerate(results["examples"][t])]  # fmt: skip
+                                        "prompt_tokens", "seconds", "generate_seconds")}  # fmt: skip
+        dump["examples"] = [
+            {"task": t, "answers": ex.answers, "meta": ex.meta,
+             "outputs": {n: results["outputs"][n][t][i]["text"] for n in results["outputs"]},
+             "scores": {n: results["scores"][n][t][i] for n in results["scores"]}}
+            for t in results["config"]["tasks"] for i, ex in enumerate(results["examples"][t])
+        ]  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(dump, f, indent=1)
     return results
