@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from tests.test_kernels_decode import (  # noqa: E402
     DEVICE,
+    _case_id,
     assert_close_to_reference,
     build_cache,
     paged_batch,
@@ -69,13 +70,6 @@ if DEVICE == "cuda":
         (torch.bfloat16, 128, 4, 0.5, "mean", 0.0, 1, 0.0),
         (torch.bfloat16, 128, 8, 0.8, "mean", 0.8, 16, 0.0),
     ]
-
-
-def _case_id(case) -> str:
-    dtype, head_dim, group, key_ratio, recovery, value_ratio, page_size, logit_cap = case
-    values = f"v{value_ratio}" if value_ratio else "vdense"
-    name = f"{str(dtype)[6:]}-d{head_dim}-g{group}-k{key_ratio}-{recovery}-{values}-page{page_size}"
-    return name + (f"-cap{logit_cap}" if logit_cap else "")
 
 
 @pytest.mark.parametrize(
