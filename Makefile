@@ -8,5 +8,7 @@ setup:
 demo: setup
 	$(PY) -m spark_sglang.demo
 
+# PYTHONWARNINGS: a SWIG module's DeprecationWarning at interpreter exit would print after pytest's
+# summary; pytest still reports warnings raised inside tests.
 test: setup
-	$(PY) -m pytest -q
+	PYTHONWARNINGS=ignore::DeprecationWarning $(PY) -m pytest -q
