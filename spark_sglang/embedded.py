@@ -124,6 +124,10 @@ def _stop(process: subprocess.Popen, grace: float = 20.0) -> None:
         process.wait(timeout=5)
 
 
+class PortInUse(RuntimeError):
+    """The HTTP port was taken between choosing it and binding it (e.g. by SGLang's own ports)."""
+
+
 def wait_until_ready(url: str, process: subprocess.Popen, log_path: str, timeout: float) -> None:
     """Poll ``/health_generate`` (falling back to ``/health``) until it answers 200."""
     deadline = time.monotonic() + timeout
@@ -133,6 +137,8 @@ def wait_until_ready(url: str, process: subprocess.Popen, log_path: str, timeout
                 f"SparK server exited with code {process.returncode} during start-up; "
                 f"last lines of its log:\n{_log_tail(log_path)}"
             )
+        if "error while attempting to bind" in _log_tail(log_path):  # uvicorn could not take the port
+            raise PortInUse(f"{url}: the port was taken before the server bound it")
         for path in ("/health_generate", "/health"):
             try:
                 status, _ = _get(url + path, timeout=30)
@@ -166,25 +172,39 @@ def embedded_server(model_path: str | None = None, *, key_ratio: float | None = 
         model_path = build_tiny_llama()
     elif os.path.exists(model_path):  # the server runs in its temp folder
         model_path = os.path.abspath(model_path)
-    port = port or free_port()
+    attempts = 1 if port else 3  # a port we chose may be taken before the server binds it
+    for attempt in range(attempts):
+        try:
+            process, tmp_dir, url = _start(model_path, port or free_port(), startup_timeout,
+                                           key_ratio=key_ratio, value_ratio=value_ratio, extra_args=extra_args)  # fmt: skip
+            break
+        except PortInUse:
+            if attempt == attempts - 1:
+                raise
+    try:
+        yield url
+    finally:
+        _stop(process)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _start(model_path: str, port: int, startup_timeout: float, **options) -> tuple[subprocess.Popen, str, str]:
+    """Start a server and wait until it is ready: (process, its temp folder, base URL)."""
     url = f"http://{LOOPBACK}:{port}"
     tmp_dir = tempfile.mkdtemp(prefix="spark-server-")
     log_path = os.path.join(tmp_dir, "server.log")
-    cmd = launch_command(model_path, key_ratio=key_ratio, value_ratio=value_ratio, port=port,
-                         extra_args=extra_args)  # fmt: skip
-    process = None
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            launch_command(model_path, port=port, **options), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=server_env(tmp_dir), cwd=tmp_dir, start_new_session=True,
+        )  # fmt: skip
     try:
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=server_env(tmp_dir), cwd=tmp_dir, start_new_session=True,
-            )  # fmt: skip
         wait_until_ready(url, process, log_path, startup_timeout)
-        yield url
-    finally:
-        if process is not None:
-            _stop(process)
+    except BaseException:
+        _stop(process)
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return process, tmp_dir, url
 
 
 def server_info(url: str) -> dict:

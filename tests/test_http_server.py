@@ -168,3 +168,20 @@ def test_agent_protocol_and_tools_offline():
 
     assert re.fullmatch(agent.PROTOCOL_REGEX, "CALL list_files()")
     assert re.fullmatch(agent.PROTOCOL_REGEX, "ANSWER 42")
+
+
+def test_port_taken_before_bind_is_detected(tmp_path):
+    """uvicorn's bind failure is recognised at once (embedded_server then retries on another port)."""
+    import subprocess
+
+    from spark_sglang.embedded import PortInUse, wait_until_ready
+
+    log = tmp_path / "server.log"
+    log.write_text("ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 1): address already in use\n")
+    process = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(PortInUse):
+            wait_until_ready("http://127.0.0.1:1", process, str(log), timeout=30)
+    finally:
+        process.kill()
+        process.wait()
