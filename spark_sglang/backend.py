@@ -75,6 +75,7 @@ class SparKAttnBackend(TritonAttnBackend):
         self.decode_wrapper = self._new_decode_wrapper()
         self.graph_decode_wrappers: dict[int, SparKDecodeWrapper] = {}
         self.extend_state: ExtendState | None = None
+        self.write_rows: torch.Tensor | None = None  # [tokens] window row of each token written this batch
 
     def _new_decode_wrapper(self) -> SparKDecodeWrapper:
         return SparKDecodeWrapper(
@@ -95,8 +96,8 @@ class SparKAttnBackend(TritonAttnBackend):
 
     def _assign_decode_rows(self, forward_batch) -> None:
         """Decode tokens are compressed under their request's latest window row (graph-safe)."""
-        rows = self.req_rows[forward_batch.req_pool_indices]
-        self.pool.slot_rows[forward_batch.out_cache_loc] = rows
+        self.write_rows = self.req_rows[forward_batch.req_pool_indices]
+        self.pool.slot_rows[forward_batch.out_cache_loc] = self.write_rows
 
     def _init_extend(self, forward_batch) -> None:
         if forward_batch.forward_mode != ForwardMode.EXTEND:
@@ -109,7 +110,8 @@ class SparKAttnBackend(TritonAttnBackend):
         lens = forward_batch.extend_seq_lens.to(torch.int64)
         segment = torch.repeat_interleave(torch.arange(batch, device=self.device), lens, output_size=sum(lens_cpu))
         self.req_rows[forward_batch.req_pool_indices] = rows_t
-        self.pool.slot_rows[forward_batch.out_cache_loc] = rows_t[segment]
+        self.write_rows = rows_t[segment]
+        self.pool.slot_rows[forward_batch.out_cache_loc] = self.write_rows
         qo_indptr = self.forward_metadata.qo_indptr
         self.extend_state = ExtendState(
             rows=rows_t.long(),
@@ -159,7 +161,7 @@ class SparKAttnBackend(TritonAttnBackend):
         v3 = v.view(-1, layer.tp_v_head_num, layer.v_head_dim).to(self.pool.dtype)
         if save_kv_cache:
             self._write_window_stats(cache, q3, v3)
-            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k3, v3)
+            self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k3, v3, self.write_rows)
         state, md = self.extend_state, self.forward_metadata
         o = q.new_empty(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
         extend_attention(
@@ -177,7 +179,7 @@ class SparKAttnBackend(TritonAttnBackend):
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         self._reject_extras(kwargs)
         if save_kv_cache:
-            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+            self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k, v, self.write_rows)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = q.new_empty(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
         self.active_decode_wrapper.run(

@@ -54,11 +54,11 @@ def _tensors(x) -> list[torch.Tensor]:
     return [t for t in x if t is not None]
 
 
-def _index(x, loc):
-    """The rows ``loc`` of a dense tensor or of each tensor of a packed tuple."""
+def _index(x, loc, device=None):
+    """The rows ``loc`` of a dense tensor or of each tensor of a packed tuple (moved to ``device``)."""
     if isinstance(x, torch.Tensor):
-        return x[loc]
-    return type(x)(*(None if t is None else t[loc] for t in x))
+        return x[loc].to(device or x.device)
+    return type(x)(*(None if t is None else t[loc].to(device or t.device) for t in x))
 
 
 def _assign(dst, loc, src) -> None:
@@ -165,14 +165,19 @@ class SparKTokenToKVPool(MHATokenToKVPool):
             raise ValueError("SparK's pool does not take KV scales or a DCP write mask")
         loc, _, _ = unwrap_write_loc(loc_info)
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+        self.store(layer_id, loc, cache_k, cache_v, self.slot_rows[loc])
+
+    def store(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor):
+        """Write K/V at ``loc``, compressed under window ``rows`` (``slot_rows[loc]``, which the
+        attention backend computes once per batch instead of once per layer)."""
         cache = self.layer_cache(layer_id)
-        k = cache_k.to(self.dtype).view(-1, self.head_num, self.head_dim)
-        v = cache_v.to(self.dtype).view(-1, self.head_num, self.head_dim)
+        k = k.to(self.dtype).view(-1, self.head_num, self.head_dim)
+        v = v.to(self.dtype).view(-1, self.head_num, self.head_dim)
         if not cache.compressed:
             cache.keys[loc] = k
             cache.values[loc] = v
             return
-        compress_and_store(k, v, loc, self.slot_rows[loc], cache.window_stats, cache.keys, cache.values)
+        compress_and_store(k, v, loc, rows, cache.window_stats, cache.keys, cache.values)
 
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
         for cache in self.layers:
@@ -191,10 +196,8 @@ class SparKTokenToKVPool(MHATokenToKVPool):
         copy = {"row_of_slot": row_of_slot.cpu(), "layers": []}
         for cache in self.layers:
             stats = cache.window_stats[rows].cpu() if cache.compressed else None
-            keys, values = _index(cache.keys, indices), _index(cache.values, indices)
-            to_cpu = [type(x)(*(None if t is None else t.cpu() for t in x)) if not isinstance(x, torch.Tensor)
-                      else x.cpu() for x in (keys, values)]  # fmt: skip
-            copy["layers"].append((to_cpu[0], to_cpu[1], stats))
+            keys, values = _index(cache.keys, indices, "cpu"), _index(cache.values, indices, "cpu")
+            copy["layers"].append((keys, values, stats))
         return copy
 
     def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None, req_pool_index=None):
@@ -216,6 +219,7 @@ class SparKTokenToKVPool(MHATokenToKVPool):
         self.slot_rows[indices] = new_rows[row_of_slot.to(self.device)]
 
     def _rows_referenced_by_slots(self) -> torch.Tensor:
+        # Conservative: freed slots keep their stale row ids, so some dead rows stay live.
         live = torch.zeros(self.num_window_rows, dtype=torch.bool, device=self.device)
         live[self.slot_rows.long()] = True
         return live
