@@ -155,12 +155,12 @@ class SlotLayout:
         return self.recovery == "mean"
 
     def key_bytes_per_head(self) -> int:
-        esize = torch.empty((), dtype=self.dtype).element_size()
+        esize = self.dtype.itemsize
         side = 4 * self.words + (4 * self.words + 4 if self.stores_sign else 0)
         return self.key_kept * esize + side
 
     def value_bytes_per_head(self) -> int:
-        esize = torch.empty((), dtype=self.dtype).element_size()
+        esize = self.dtype.itemsize
         if not self.values_compressed:
             return self.head_dim * esize
         return self.value_kept * esize + 4 * self.words + 4
@@ -171,7 +171,7 @@ class SlotLayout:
         return WINDOW_STATS if self.values_compressed else 1
 
     def dense_bytes_per_head(self) -> int:
-        return 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.head_dim * self.dtype.itemsize
 
 
 def bytes_per_token(

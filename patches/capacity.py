@@ -6,6 +6,7 @@ amortised at the rate the pool provisions them.
 """
 
 import logging
+import math
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -28,7 +29,7 @@ def spark_cell_size(kvc, num_layers: int) -> int:
         spark_config(kvc.server_args), model.head_dim, heads, num_layers, kvc.kv_cache_dtype,
         tokens_per_window=TOKENS_PER_WINDOW_ROW,
     )  # fmt: skip
-    return int(-(-sizes["spark_total"] // 1))
+    return math.ceil(sizes["spark_total"])
 
 
 def _compute_cell_size(original, self, kvc, num_layers):

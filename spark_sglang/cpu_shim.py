@@ -42,11 +42,10 @@ def _rotary_embedding_unavailable(*args, **kwargs):
 class _StubLoader(importlib.abc.Loader):
     def create_module(self, spec):
         module = types.ModuleType(spec.name)
-        module.__path__ = [] if spec.name == "vllm" else None
-        if spec.name == "vllm._custom_ops":
+        if spec.name == "vllm":
+            module.__path__ = []  # a package, so that vllm._custom_ops can be imported
+        else:
             module.rotary_embedding = _rotary_embedding_unavailable
-        if module.__path__ is None:
-            del module.__path__
         return module
 
     def exec_module(self, module):
