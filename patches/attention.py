@@ -7,9 +7,9 @@ from spark_sglang.server_args import BACKEND_NAME
 
 
 def _create(model_runner):
-    from spark_sglang.backend import SparKAttnBackend
+    from spark_sglang.backend import new_attention_backend
 
-    return SparKAttnBackend(model_runner)
+    return new_attention_backend(model_runner)
 
 
 def install() -> None:

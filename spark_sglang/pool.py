@@ -20,9 +20,9 @@ import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
-from spark_sglang.kernels.compress import compress_and_store
 from spark_sglang.kernels.layout import SparKConfig
 from spark_sglang.kernels.reference import PackedKeys, PackedValues
+from spark_sglang.kernel_ops import kernel_ops
 from spark_sglang.window_rows import WindowRows
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class SparKTokenToKVPool(MHATokenToKVPool):
         self.config = spark_config
         self.layout = spark_config.layout(head_dim, dtype)  # raises on an unsupported head dim / dtype
         self.num_window_rows = num_window_rows(size)
+        self.ops = kernel_ops(device)  # Triton kernels on CUDA, the PyTorch path elsewhere
         kwargs.update(enable_kv_cache_copy=False, post_capture_active=False)
         super().__init__(size, page_size, dtype, head_num, head_dim, layer_num, device,
                          enable_memory_saver, v_head_dim=head_dim, **kwargs)  # fmt: skip
@@ -177,7 +178,7 @@ class SparKTokenToKVPool(MHATokenToKVPool):
             cache.keys[loc] = k
             cache.values[loc] = v
             return
-        compress_and_store(k, v, loc, rows, cache.window_stats, cache.keys, cache.values)
+        self.ops.compress_and_store(k, v, loc, rows, cache.window_stats, cache.keys, cache.values)
 
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
         for cache in self.layers:

@@ -1,0 +1,220 @@
+"""The PyTorch path (kernels/torch_path.py) against the reference and against the Triton kernels,
+on the kernel tests' random caches: ragged batches, paged and scattered slots, GQA, both
+recoveries, dense and compressed values, poisoned outputs and poisoned unused slots. bf16 runs
+here too: the PyTorch path computes it correctly on a CPU (the Triton interpreter does not)."""
+
+import math
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from tests.test_kernels_compress import CASES as COMPRESS_CASES  # noqa: E402
+from tests.test_kernels_compress import _bits, _inputs, _poisoned  # noqa: E402
+from tests.test_kernels_compress import _case_id as compress_case_id  # noqa: E402
+from tests.test_kernels_decode import (  # noqa: E402
+    CASES as DECODE_CASES,
+    _case_id,
+    assert_close_to_reference,
+    build_cache,
+    paged_batch,
+    poisoned_outputs,
+    reference_decode,
+)
+from tests.test_kernels_extend import CASES as EXTEND_CASES  # noqa: E402
+from tests.test_kernels_extend import _indptr, reference_extend  # noqa: E402
+
+from spark_sglang.kernels import compress, decode, extend, reference, torch_path  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+BF16 = [
+    # dtype, head_dim, group, key_ratio, recovery, value_ratio, page_size, logit_cap
+    (torch.bfloat16, 64, 3, 0.5, "mean", 0.0, 1, 0.0),
+    (torch.bfloat16, 128, 4, 0.8, "mean", 0.5, 16, 0.0),
+    (torch.bfloat16, 64, 1, 0.5, "zero", 0.8, 4, 30.0),
+]
+
+
+def generator(request) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+
+
+def _unique(cases):
+    return list(dict.fromkeys(cases))
+
+
+@pytest.mark.parametrize("case", _unique(DECODE_CASES + BF16), ids=_case_id)
+def test_decode_matches_reference(request, case):
+    dtype, head_dim, group, key_ratio, recovery, value_ratio, page_size, logit_cap = case
+    gen = generator(request)
+    num_kv_heads = 2
+    num_heads = num_kv_heads * group
+    lens = [1, 15, 17, 0, 93]
+    indptr, indices, num_slots = paged_batch(gen, lens, page_size)
+    cache = build_cache(gen, num_slots, indices, num_kv_heads, head_dim, dtype, key_ratio, recovery, value_ratio)
+    q = torch.randn(len(lens), num_heads, head_dim, generator=gen).to(dtype)
+    sm_scale = 1.3 / math.sqrt(head_dim)
+
+    wrapper = torch_path.TorchDecodeWrapper(num_heads, num_kv_heads, head_dim)
+    wrapper.plan(indptr, indices)
+    out, lse = poisoned_outputs(len(lens), num_heads, head_dim, dtype)
+    args = (cache.keys, cache.values, cache.window_stats, cache.slot_rows)
+    wrapper.run(q, *args, sm_scale=sm_scale, logit_cap=logit_cap, out=out, lse=lse)
+
+    empty = 3
+    assert (out[empty] == 0).all() and (lse[empty] == float("-inf")).all()
+    keep = [b for b in range(len(lens)) if b != empty]
+    expect_out, expect_lse = reference_decode(q, cache, indptr, indices, sm_scale, logit_cap)
+    assert_close_to_reference(out[keep], lse[keep], expect_out[keep], expect_lse[keep], dtype)
+
+
+@pytest.mark.parametrize("case", _unique(EXTEND_CASES + BF16), ids=_case_id)
+def test_extend_matches_reference(request, case):
+    dtype, head_dim, group, key_ratio, recovery, value_ratio, page_size, logit_cap = case
+    gen = generator(request)
+    num_kv_heads = 2
+    num_heads = num_kv_heads * group
+    prefix_lens, q_lens = [0, 15, 17, 50], [17, 1, 15, 5]
+    prefix_indptr, prefix_indices, num_slots = paged_batch(gen, prefix_lens, page_size)
+    cache = build_cache(gen, num_slots, prefix_indices, num_kv_heads, head_dim, dtype, key_ratio, recovery,
+                        value_ratio)  # fmt: skip
+    qo_indptr = _indptr(q_lens)
+    num_q = sum(q_lens)
+    q = torch.randn(num_q, num_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(num_q, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(num_q, num_kv_heads, head_dim, generator=gen).to(dtype)
+    sm_scale = 0.9 / math.sqrt(head_dim)
+
+    out, lse = poisoned_outputs(num_q, num_heads, head_dim, dtype)
+    torch_path.extend_attention(
+        q, k, v, qo_indptr, prefix_indptr, prefix_indices,
+        cache.keys, cache.values, cache.window_stats, cache.slot_rows,
+        sm_scale=sm_scale, logit_cap=logit_cap, out=out, lse=lse,
+    )  # fmt: skip
+    slots = prefix_indices.long()
+    expect = reference_extend(q, k, v, qo_indptr, cache.dense_keys[slots], cache.dense_values[slots],
+                              prefix_indptr, sm_scale, logit_cap)  # fmt: skip
+    assert_close_to_reference(out, lse, *expect, dtype)
+
+
+BF16_COMPRESS = [(torch.bfloat16, 64, 0.5, "mean", 0.5, torch.int64, False),
+                 (torch.bfloat16, 128, 0.8, "mean", 0.0, torch.int32, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", COMPRESS_CASES + BF16_COMPRESS, ids=compress_case_id)
+def test_compress_matches_reference_bit_for_bit(request, case):
+    """Kept entries, bitmaps, signs and fills equal the reference's bits; other slots untouched."""
+    dtype, head_dim, key_ratio, recovery, value_ratio, slot_dtype, ties = case
+    gen = generator(request)
+    num_tokens, num_heads, num_slots, num_rows = 21, 2, 64, 3
+    k, v, stats = _inputs(gen, num_tokens, num_heads, head_dim, dtype, num_rows, ties)
+    slots = torch.randperm(num_slots, generator=gen)[:num_tokens].to(slot_dtype)
+    rows = torch.randint(0, num_rows, (num_tokens,), generator=gen, dtype=torch.int32)
+    layout = reference.SparKConfig(key_ratio=key_ratio, value_ratio=value_ratio, recovery=recovery).layout(
+        head_dim, dtype
+    )
+    keys, values = _poisoned_cache(num_slots, num_heads, layout)
+    torch_path.compress_and_store(k, v, slots, rows, stats if value_ratio else stats[:, :1], keys, values)
+
+    at = slots.long()
+    expect_k = reference.pack_keys(k, stats[rows.long(), 0], key_ratio, recovery)
+    expect_v = reference.pack_values(v, stats[rows.long(), 1], value_ratio) if value_ratio else None
+    written = [(keys.kept, expect_k.kept), (keys.mask, expect_k.mask)]
+    if recovery == "mean":
+        written += [(keys.sign, expect_k.sign), (keys.fill, expect_k.fill)]
+    written += list(zip(values, expect_v)) if value_ratio else [(values, v)]
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[at] = False
+    for stored, expected in written:
+        assert torch.equal(_bits(stored[at]) if stored.is_floating_point() else stored[at],
+                           _bits(expected) if expected.is_floating_point() else expected)  # fmt: skip
+        poison = stored[untouched]
+        assert (poison.isnan() if poison.is_floating_point() else poison == poison.flatten()[0]).all()
+
+
+def _poisoned_cache(num_slots, num_heads, layout):
+    shape, words = (num_slots, num_heads), layout.words
+    keys = reference.PackedKeys(
+        _poisoned(shape + (layout.key_kept,), layout.dtype),
+        _poisoned(shape + (words,), torch.int32),
+        _poisoned(shape + (words,), torch.int32) if layout.stores_sign else None,
+        _poisoned(shape, torch.float32) if layout.stores_sign else None,
+    )
+    if layout.values_compressed:
+        values = reference.PackedValues(
+            _poisoned(shape + (layout.value_kept,), layout.dtype),
+            _poisoned(shape + (words,), torch.int32),
+            _poisoned(shape, torch.float32),
+        )
+    else:
+        values = _poisoned(shape + (layout.head_dim,), layout.dtype)
+    return keys, values
+
+
+@pytest.mark.parametrize("value_ratio", [0.0, 0.5])
+def test_agrees_with_triton_kernels(request, value_ratio):
+    """Both paths on one pool: compress the same tokens with each (identical bits), then decode
+    and extend over it (outputs within float32 rounding)."""
+    gen = generator(request)
+    num_kv_heads, group, head_dim, dtype = 3, 3, 64, torch.float32
+    num_heads, num_slots, num_rows = num_kv_heads * group, 160, 4
+    layout = reference.SparKConfig(key_ratio=0.5, value_ratio=value_ratio).layout(head_dim, dtype)
+    k, v, stats = _inputs(gen, 120, num_kv_heads, head_dim, dtype, num_rows, ties=False)
+    stats = stats if value_ratio else stats[:, :1]
+    slots = torch.randperm(num_slots, generator=gen)[:120]
+    rows = torch.randint(0, num_rows, (120,), generator=gen, dtype=torch.int32)
+    slot_rows = torch.zeros(num_slots, dtype=torch.int32)
+    slot_rows[slots] = rows
+    caches = []
+    for implementation in (compress.compress_and_store, torch_path.compress_and_store):
+        keys, values = _poisoned_cache(num_slots, num_kv_heads, layout)
+        implementation(k, v, slots, rows, stats, keys, values)
+        caches.append((keys, values))
+    for a, b in zip(torch.utils._pytree.tree_leaves(caches[0]), torch.utils._pytree.tree_leaves(caches[1])):
+        if a.dtype == torch.int32:
+            assert torch.equal(a[slots], b[slots])
+        else:  # the Triton kernel sums the fill in another order
+            torch.testing.assert_close(a[slots], b[slots], rtol=1e-6, atol=1e-7)
+    keys, values = caches[1]
+    cache = (keys, values, stats, slot_rows)
+
+    lens = [1, 40, 79]
+    indptr = _indptr(lens)
+    q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
+    outs = []
+    for wrapper in (decode.SparKDecodeWrapper(num_heads, num_kv_heads, head_dim, device="cpu"),
+                    torch_path.TorchDecodeWrapper(num_heads, num_kv_heads, head_dim)):  # fmt: skip
+        wrapper.plan(indptr, slots)
+        outs.append(wrapper.run(q, *cache))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+    q_lens = [3, 20, 1]
+    qo_indptr = _indptr(q_lens)
+    qn = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen)
+    kn = torch.randn(sum(q_lens), num_kv_heads, head_dim, generator=gen)
+    vn = torch.randn(sum(q_lens), num_kv_heads, head_dim, generator=gen)
+    outs = [f(qn, kn, vn, qo_indptr, indptr, slots, *cache) for f in (extend.extend_attention,
+                                                                      torch_path.extend_attention)]  # fmt: skip
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_words_to_bits_matches_reference():
+    words = torch.randint(-(2**31), 2**31 - 1, (7, 3, 4), dtype=torch.int32)
+    words[0, 0] = torch.tensor([0, -1, -(2**31), 1], dtype=torch.int32)
+    assert torch.equal(torch_path.words_to_bits(words), reference.words_to_bits(words))
+
+
+def test_corrupt_bitmap_fails_safely():
+    """A bitmap with more set bits than kept entries raises instead of reading past the slot."""
+    gen = torch.Generator().manual_seed(1)
+    cache = build_cache(gen, 8, torch.arange(8), 1, 64, torch.float32, 0.5, "mean", 0.0)
+    cache.keys.mask[3, 0, 0] = -1  # 32 + popcount(word 1) > 32 kept entries
+    wrapper = torch_path.TorchDecodeWrapper(2, 1, 64)
+    wrapper.plan(_indptr([8]), torch.arange(8))
+    with pytest.raises(RuntimeError):
+        wrapper.run(torch.zeros(1, 2, 64), cache.keys, cache.values, cache.window_stats, cache.slot_rows)
