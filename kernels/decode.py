@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import FP8_DTYPES
 from .reference import PackedKeys, PackedValues
 
 __all__ = ["SparKDecodeWrapper"]
@@ -54,10 +55,34 @@ def load_bits(words_ptr, row_offs, mask_n, BLOCK_N: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def gather_kept(kept_ptr, row_offs, bits):
-    """Kept entries at their channels ``[BLOCK_N, D]`` (kv dtype), 0 on pruned channels."""
+def gather_kept(kept_ptr, row_offs, bits, scale, IS_FP8: tl.constexpr):
+    """Kept entries at their channels ``[BLOCK_N, D]`` as float32 (FP8: times ``scale``), 0 on
+    pruned channels; also returns each channel's rank (kept channels below it)."""
     rank = tl.cumsum(bits, axis=1) - bits
-    return tl.load(kept_ptr + row_offs[:, None] + rank, mask=bits != 0, other=0.0)
+    kept = tl.load(kept_ptr + row_offs[:, None] + rank, mask=bits != 0, other=0.0).to(tl.float32)
+    if IS_FP8:
+        kept = kept * scale
+    return kept, rank
+
+
+@triton.jit
+def pruned_negative(sign_ptr, row_offs, mask_n, rank, SIGN_WORDS: tl.constexpr, D: tl.constexpr):
+    """``[BLOCK_N, D]`` bool: the sign bit of each pruned channel ``c``, stored at its pruned rank
+    ``c - rank(c)`` among ``SIGN_WORDS`` words per slot (meaningless on kept channels)."""
+    pruned_rank = tl.arange(0, D)[None, :] - rank
+    word = tl.zeros(rank.shape, tl.int32)
+    for w in tl.static_range(SIGN_WORDS):
+        column = tl.load(sign_ptr + row_offs + w, mask=mask_n, other=0)
+        word = tl.where((pruned_rank // 32) == w, column[:, None], word)
+    return ((word >> (pruned_rank % 32)) & 1) != 0
+
+
+@triton.jit
+def finite(x, dtype):
+    """Clamp float32 ``x`` to ``dtype``'s finite range (a recovered fp16 key can exceed it)."""
+    if dtype == tl.float16:
+        x = tl.clamp(x, -65504.0, 65504.0)
+    return x
 
 
 @triton.jit
@@ -69,9 +94,11 @@ def rebuild_keys(
     stride_kk_s,
     stride_kk_h,
     KMask,
-    KSign,
     stride_km_s,
     stride_km_h,
+    KSign,
+    stride_ks_s,
+    stride_ks_h,
     KFill,
     stride_kf_s,
     stride_kf_h,
@@ -79,30 +106,33 @@ def rebuild_keys(
     stride_st_r,
     stride_st_h,
     SlotRows,
+    k_scale,
+    out_dtype: tl.constexpr,
     BLOCK_N: tl.constexpr,
     D: tl.constexpr,
     MEAN_RECOVERY: tl.constexpr,
+    SIGN_WORDS: tl.constexpr,
+    IS_FP8: tl.constexpr,
 ):
-    """Dense keys ``[BLOCK_N, D]`` in the KV dtype for the slots ``slots [BLOCK_N]`` (int64)."""
-    word_offs = slots * stride_km_s + kv_head * stride_km_h
-    bits = load_bits(KMask, word_offs, mask_n, BLOCK_N, D)
-    k = gather_kept(KKept, slots * stride_kk_s + kv_head * stride_kk_h, bits)
+    """Dense keys ``[BLOCK_N, D]`` in ``out_dtype`` for the slots ``slots [BLOCK_N]`` (int64)."""
+    bits = load_bits(KMask, slots * stride_km_s + kv_head * stride_km_h, mask_n, BLOCK_N, D)
+    k, rank = gather_kept(KKept, slots * stride_kk_s + kv_head * stride_kk_h, bits, k_scale, IS_FP8)
     if MEAN_RECOVERY:
         pruned = (bits == 0) & mask_n[:, None]
-        negative = load_bits(KSign, word_offs, mask_n, BLOCK_N, D) != 0
-        fill = tl.load(KFill + slots * stride_kf_s + kv_head * stride_kf_h, mask=mask_n, other=0.0)
+        negative = pruned_negative(KSign, slots * stride_ks_s + kv_head * stride_ks_h, mask_n, rank, SIGN_WORDS, D)
+        fill = tl.load(KFill + slots * stride_kf_s + kv_head * stride_kf_h, mask=mask_n, other=0.0).to(tl.float32)
         row = tl.load(SlotRows + slots, mask=mask_n, other=0).to(tl.int64)
         offs_d = tl.arange(0, D)
         qn = tl.load(
             Stats + row[:, None] * stride_st_r + kv_head * stride_st_h + offs_d[None, :],
             mask=pruned,
             other=0.0,
-        )
+        ).to(tl.float32)
         # rsqrt(0) = inf must never be computed: it would reach the multiply (inf * 0 = nan).
         magnitude = fill[:, None] * tl.where(qn > 0, tl.math.rsqrt(tl.where(qn > 0, qn, 1.0)), 0.0)
-        recovered = tl.where(negative, -magnitude, magnitude).to(k.dtype)
+        recovered = finite(tl.where(negative, -magnitude, magnitude), out_dtype)
         k = tl.where(bits != 0, k, recovered)
-    return k
+    return k.to(out_dtype)
 
 
 @triton.jit
@@ -119,21 +149,26 @@ def rebuild_values(
     VFill,
     stride_vf_s,
     stride_vf_h,
+    v_scale,
+    out_dtype: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DV: tl.constexpr,
     VALUES_PACKED: tl.constexpr,
+    IS_FP8: tl.constexpr,
 ):
-    """Dense values ``[BLOCK_N, DV]`` in the KV dtype; ``V`` is the dense cache or the kept part."""
+    """Dense values ``[BLOCK_N, DV]`` in ``out_dtype``; ``V`` is the dense cache or the kept part."""
     row_offs = slots * stride_v_s + kv_head * stride_v_h
     if VALUES_PACKED:
         bits = load_bits(VMask, slots * stride_vm_s + kv_head * stride_vm_h, mask_n, BLOCK_N, DV)
-        v = gather_kept(V, row_offs, bits)
-        fill = tl.load(VFill + slots * stride_vf_s + kv_head * stride_vf_h, mask=mask_n, other=0.0)
-        v = tl.where(bits != 0, v, fill[:, None].to(v.dtype))
+        v, _ = gather_kept(V, row_offs, bits, v_scale, IS_FP8)
+        fill = tl.load(VFill + slots * stride_vf_s + kv_head * stride_vf_h, mask=mask_n, other=0.0).to(tl.float32)
+        v = tl.where(bits != 0, v, finite(fill[:, None], out_dtype))
     else:
         offs_d = tl.arange(0, DV)
-        v = tl.load(V + row_offs[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-    return v
+        v = tl.load(V + row_offs[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+        if IS_FP8:
+            v = v * v_scale
+    return v.to(out_dtype)
 
 
 @triton.jit
@@ -156,9 +191,11 @@ def _decode_split_kernel(
     stride_kk_s,
     stride_kk_h,
     KMask,
-    KSign,
     stride_km_s,
     stride_km_h,
+    KSign,
+    stride_ks_s,
+    stride_ks_h,
     KFill,
     stride_kf_s,
     stride_kf_h,
@@ -175,6 +212,8 @@ def _decode_split_kernel(
     stride_st_r,
     stride_st_h,
     SlotRows,
+    k_scale,
+    v_scale,
     kv_indptr,
     kv_indices,
     num_splits,
@@ -192,6 +231,9 @@ def _decode_split_kernel(
     DV: tl.constexpr,
     MEAN_RECOVERY: tl.constexpr,
     VALUES_PACKED: tl.constexpr,
+    SIGN_WORDS: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
     HAS_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -220,7 +262,7 @@ def _decode_split_kernel(
         Q + batch * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :],
         mask=mask_h[:, None],
         other=0.0,
-    ).to(KKept.dtype.element_ty)
+    ).to(COMPUTE_DTYPE)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -232,10 +274,11 @@ def _decode_split_kernel(
         k = rebuild_keys(
             slots, mask_n, kv_head,
             KKept, stride_kk_s, stride_kk_h,
-            KMask, KSign, stride_km_s, stride_km_h,
+            KMask, stride_km_s, stride_km_h,
+            KSign, stride_ks_s, stride_ks_h,
             KFill, stride_kf_s, stride_kf_h,
-            Stats, stride_st_r, stride_st_h, SlotRows,
-            BLOCK_N, D, MEAN_RECOVERY,
+            Stats, stride_st_r, stride_st_h, SlotRows, k_scale,
+            COMPUTE_DTYPE, BLOCK_N, D, MEAN_RECOVERY, SIGN_WORDS, IS_FP8,
         )  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         if HAS_CAP:
@@ -249,8 +292,8 @@ def _decode_split_kernel(
             slots, mask_n, kv_head,
             V, stride_v_s, stride_v_h,
             VMask, stride_vm_s, stride_vm_h,
-            VFill, stride_vf_s, stride_vf_h,
-            BLOCK_N, DV, VALUES_PACKED,
+            VFill, stride_vf_s, stride_vf_h, v_scale,
+            COMPUTE_DTYPE, BLOCK_N, DV, VALUES_PACKED, IS_FP8,
         )  # fmt: skip
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -318,30 +361,29 @@ def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         )
 
 
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
 def cache_launch_args(
     keys: PackedKeys,
     values: PackedValues | torch.Tensor,
     window_stats: torch.Tensor,
     slot_rows: torch.Tensor,
+    query_dtype: torch.dtype,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[list, dict]:
     """Pointer/stride arguments and constexprs that address one layer's compact cache.
 
     Shared by the decode and extend launchers, whose kernels take the arguments in this order.
+    Tiles are rebuilt in the cache dtype, or in the query's dtype for an FP8 cache.
     """
     head_dim = keys.mask.shape[-1] * 32
     mean = keys.sign is not None
     if mean != (keys.fill is not None):
-        raise ValueError(
-            "PackedKeys.sign and PackedKeys.fill must both be set ('mean') or both None"
-        )
-    if mean and keys.sign.stride() != keys.mask.stride():
-        raise ValueError("PackedKeys.sign must have the same strides as PackedKeys.mask")
+        raise ValueError("PackedKeys.sign and PackedKeys.fill must both be set ('mean') or both None")
     packed_values = isinstance(values, PackedValues)
-    for name, t in (
-        ("keys.kept", keys.kept),
-        ("keys.mask", keys.mask),
-        ("window_stats", window_stats),
-    ):
+    for name, t in (("keys.kept", keys.kept), ("keys.mask", keys.mask), ("window_stats", window_stats)):
         _check_last_dim_contiguous(name, t)
     v_data = values.kept if packed_values else values
     _check_last_dim_contiguous("values", v_data)
@@ -353,22 +395,28 @@ def cache_launch_args(
     # Unused operands ("zero" recovery, dense values) point at a live tensor; never read.
     k_sign = keys.sign if mean else keys.mask
     k_fill = keys.fill if mean else keys.mask
+    is_fp8 = keys.kept.dtype in FP8_DTYPES
+    compute = query_dtype if is_fp8 else keys.kept.dtype
     args = [
         keys.kept, keys.kept.stride(0), keys.kept.stride(1),
-        keys.mask, k_sign, keys.mask.stride(0), keys.mask.stride(1),
+        keys.mask, keys.mask.stride(0), keys.mask.stride(1),
+        k_sign, k_sign.stride(0), k_sign.stride(1),
         k_fill, k_fill.stride(0), k_fill.stride(1),
         v_data, v_data.stride(0), v_data.stride(1),
         v_mask, v_mask.stride(0), v_mask.stride(1),
         v_fill, v_fill.stride(0), v_fill.stride(1),
         window_stats, window_stats.stride(0), window_stats.stride(2),
-        slot_rows,
+        slot_rows, float(k_scale), float(v_scale),
     ]  # fmt: skip
     constexprs = dict(
         D=head_dim,
         DV=value_dim,
         MEAN_RECOVERY=mean,
         VALUES_PACKED=packed_values,
-        DOT_PRECISION="ieee" if keys.kept.dtype == torch.float32 else "tf32",
+        SIGN_WORDS=k_sign.shape[-1] if mean else 0,
+        IS_FP8=is_fp8,
+        COMPUTE_DTYPE=_TL_DTYPES[compute],
+        DOT_PRECISION="ieee" if compute == torch.float32 else "tf32",
     )
     return args, constexprs
 
@@ -503,24 +551,29 @@ class SparKDecodeWrapper:
         logit_cap: float = 0.0,
         out: torch.Tensor | None = None,
         lse: torch.Tensor | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of each request's query over its planned KV slots.
 
         Args:
-            q: ``[B, Hq, D]`` (last dim contiguous), any float dtype; cast to the KV dtype.
-            keys: one layer's ``PackedKeys`` over the pool: ``kept [S, Hkv, T]`` kv dtype,
-                ``mask [S, Hkv, D/32]`` int32, ``sign`` (same shape and strides as ``mask``)
-                and ``fill [S, Hkv]`` float32 for "mean" recovery, both None for "zero".
-            values: dense ``[S, Hkv, Dv]`` kv dtype, or ``PackedValues`` (``kept [S, Hkv, Tv]``,
-                ``mask [S, Hkv, Dv/32]`` int32, ``fill [S, Hkv]`` float32).
-            window_stats: ``[R, 1 or 2, Hkv, D]`` float32; ``[:, 0]`` is the key channel norm
-                ``Qn`` (the only part read here).
+            q: ``[B, Hq, D]`` (last dim contiguous), any float dtype; cast to the KV dtype (kept
+                in its own dtype for an FP8 cache, whose tiles are rebuilt in q's dtype).
+            keys: one layer's ``PackedKeys`` over the pool (views into its records, see
+                kernels/layout.py): ``kept [S, Hkv, T]`` cache dtype, ``mask [S, Hkv, D/32]``
+                int32, and for "mean" recovery ``sign [S, Hkv, ceil(P/32)]`` int32 (the pruned
+                channels' signs) and ``fill [S, Hkv]`` bfloat16; both None for "zero".
+            values: dense ``[S, Hkv, Dv]`` cache dtype, or ``PackedValues`` (``kept [S, Hkv, Tv]``,
+                ``mask [S, Hkv, Dv/32]`` int32, ``fill [S, Hkv]`` bfloat16).
+            window_stats: ``[R, 1 or 2, Hkv, D]`` (bfloat16 in the pool); ``[:, 0]`` is the key
+                channel norm ``Qn`` (the only part read here).
             slot_rows: ``[S]`` int32, each slot's row in ``window_stats``.
             sm_scale: logit scale (default ``1/sqrt(D)``); logit_cap: ``cap * tanh(x / cap)``
                 applied to scaled logits when > 0.
             out: ``[B, Hq, Dv]`` output buffer (default: a new tensor of q's dtype).
             lse: ``[B, Hq]`` float32 buffer for the natural-log LSE (default: the wrapper's own,
                 overwritten by the next ``run``).
+            k_scale, v_scale: an FP8 cache's dequantisation scales (ignored otherwise).
 
         Returns:
             ``(out, lse)``. A request with no KV slots gets output 0 and LSE ``-inf``.
@@ -542,7 +595,7 @@ class SparKDecodeWrapper:
             lse = self._lse
         _check_last_dim_contiguous("out", out)
         _check_last_dim_contiguous("lse", lse)
-        cache_args, constexprs = cache_launch_args(keys, values, window_stats, slot_rows)
+        cache_args, constexprs = cache_launch_args(keys, values, window_stats, slot_rows, q.dtype, k_scale, v_scale)
         if constexprs["D"] != self.head_dim or constexprs["DV"] != self.v_head_dim:
             raise ValueError(
                 f"the cache has head dims ({constexprs['D']}, {constexprs['DV']}), the wrapper "

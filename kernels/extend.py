@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .decode import cache_launch_args, rebuild_keys, rebuild_values, soft_cap
+from .layout import FP8_DTYPES
 from .reference import PackedKeys, PackedValues
 
 __all__ = ["extend_attention"]
@@ -60,9 +61,11 @@ def _extend_kernel(
     stride_kk_s,
     stride_kk_h,
     KMask,
-    KSign,
     stride_km_s,
     stride_km_h,
+    KSign,
+    stride_ks_s,
+    stride_ks_h,
     KFill,
     stride_kf_s,
     stride_kf_h,
@@ -79,6 +82,8 @@ def _extend_kernel(
     stride_st_r,
     stride_st_h,
     SlotRows,
+    k_scale,
+    v_scale,
     qo_indptr,
     prefix_indptr,
     prefix_indices,
@@ -91,6 +96,9 @@ def _extend_kernel(
     DV: tl.constexpr,
     MEAN_RECOVERY: tl.constexpr,
     VALUES_PACKED: tl.constexpr,
+    SIGN_WORDS: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
     HAS_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -113,7 +121,7 @@ def _extend_kernel(
         Q + (q_start + offs_m[:, None]) * stride_q_t + head * stride_q_h + offs_d[None, :],
         mask=mask_m[:, None],
         other=0.0,
-    ).to(KKept.dtype.element_ty)
+    ).to(COMPUTE_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -127,10 +135,11 @@ def _extend_kernel(
         k = rebuild_keys(
             slots, mask_n, kv_head,
             KKept, stride_kk_s, stride_kk_h,
-            KMask, KSign, stride_km_s, stride_km_h,
+            KMask, stride_km_s, stride_km_h,
+            KSign, stride_ks_s, stride_ks_h,
             KFill, stride_kf_s, stride_kf_h,
-            Stats, stride_st_r, stride_st_h, SlotRows,
-            BLOCK_N, D, MEAN_RECOVERY,
+            Stats, stride_st_r, stride_st_h, SlotRows, k_scale,
+            COMPUTE_DTYPE, BLOCK_N, D, MEAN_RECOVERY, SIGN_WORDS, IS_FP8,
         )  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         if HAS_CAP:
@@ -140,8 +149,8 @@ def _extend_kernel(
             slots, mask_n, kv_head,
             V, stride_v_s, stride_v_h,
             VMask, stride_vm_s, stride_vm_h,
-            VFill, stride_vf_s, stride_vf_h,
-            BLOCK_N, DV, VALUES_PACKED,
+            VFill, stride_vf_s, stride_vf_h, v_scale,
+            COMPUTE_DTYPE, BLOCK_N, DV, VALUES_PACKED, IS_FP8,
         )  # fmt: skip
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
@@ -157,7 +166,7 @@ def _extend_kernel(
             + offs_d[None, :],
             mask=mask_n[:, None],
             other=0.0,
-        )
+        ).to(COMPUTE_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         if HAS_CAP:
             s = soft_cap(s, logit_cap)
@@ -171,7 +180,7 @@ def _extend_kernel(
             + offs_dv[None, :],
             mask=mask_n[:, None],
             other=0.0,
-        )
+        ).to(COMPUTE_DTYPE)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     rows = q_start + offs_m
@@ -211,13 +220,15 @@ def extend_attention(
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a batch's new tokens over their compact prefix and, causally, themselves.
 
     Args:
         q: ``[Nq, Hq, D]`` queries of the new tokens, requests back to back.
         k, v: ``[Nq, Hkv, D]`` / ``[Nq, Hkv, Dv]`` dense keys/values of the same tokens, in the
-            cache's dtype (last dims contiguous).
+            cache's dtype (an FP8 cache: any float dtype, read as q's) (last dims contiguous).
         qo_indptr: ``[B + 1]`` int32, request ``b``'s new tokens are rows
             ``qo_indptr[b]:qo_indptr[b + 1]`` of q/k/v.
         prefix_indptr: ``[B + 1]`` int32, CSR offsets into ``prefix_indices``.
@@ -230,6 +241,7 @@ def extend_attention(
         out: ``[Nq, Hq, Dv]`` buffer (default: new, q's dtype); lse: ``[Nq, Hq]`` float32 buffer
             for the natural-log LSE (default: new).
         block_m, block_n, num_warps: tile overrides (queries per program, slots per KV tile).
+        k_scale, v_scale: an FP8 cache's dequantisation scales (ignored otherwise).
 
     Returns:
         ``(out, lse)``.
@@ -243,11 +255,10 @@ def extend_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
-    if k.dtype != keys.kept.dtype or v.dtype != keys.kept.dtype:
-        raise ValueError(
-            f"new k/v ({k.dtype}, {v.dtype}) must have the cache's dtype {keys.kept.dtype}"
-        )
-    cache_args, constexprs = cache_launch_args(keys, values, window_stats, slot_rows)
+    fp8 = keys.kept.dtype in FP8_DTYPES
+    if not fp8 and (k.dtype != keys.kept.dtype or v.dtype != keys.kept.dtype):
+        raise ValueError(f"new k/v ({k.dtype}, {v.dtype}) must have the cache's dtype {keys.kept.dtype}")
+    cache_args, constexprs = cache_launch_args(keys, values, window_stats, slot_rows, q.dtype, k_scale, v_scale)
     if constexprs["D"] != head_dim or constexprs["DV"] != v.shape[-1]:
         raise ValueError(
             f"the cache has head dims ({constexprs['D']}, {constexprs['DV']}), q/v "

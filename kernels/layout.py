@@ -1,24 +1,37 @@
-"""SparK configuration and the compact per-token KV layout it implies.
+"""SparK configuration and the compact per-token KV layout it implies, described once.
 
-One KV slot (one token of one layer) holds, per KV head, for keys:
+A compressed layer stores, per slot (one token) and KV head, one **key record** of ``R`` bytes
+(``R`` a multiple of 16, so a record is one aligned, vectorisable run of memory):
 
-=================  ======================  ===============================================
-part               shape per token-head    meaning
-=================  ======================  ===============================================
-``kept``           ``[T]`` kv dtype         kept key values, in channel order
-``mask``           ``[D/32]`` int32         bit ``c`` of word ``c // 32`` set = channel kept
-``sign``           ``[D/32]`` int32         bit set = the original key was ``<= 0``
-                                            ("mean" recovery only)
-``fill``           ``[]`` float32           ``sqrt(mean pruned saliency)`` ("mean" only)
-=================  ======================  ===============================================
+=================  ============================  =================================================
+part               bytes at its offset           meaning
+=================  ============================  =================================================
+``kept``           ``T * e`` at 0                kept key entries in channel order, in the cache
+                                                 dtype (``e`` bytes each); FP8 caches store
+                                                 ``k / k_scale`` saturated to the format's range
+``mask``           ``D / 8`` at ``align4(T*e)``  int32 words: bit ``c % 32`` of word ``c // 32``
+                                                 set = channel ``c`` kept (``T`` bits set)
+``sign``           ``4 * ceil(P / 32)``          int32 words, "mean" recovery only: bit ``i`` set
+                                                 = the ``i``-th pruned channel (ascending) had a
+                                                 key ``<= 0`` (or NaN)
+``fill``           2                             bfloat16 ``sqrt(mean pruned saliency)``, "mean" only
+(padding)          up to a multiple of 16
+=================  ============================  =================================================
 
-Values are dense ``[D]`` unless ``value_ratio > 0``; then ``kept [Tv]``, ``mask [D/32]`` and a
-float32 ``fill`` (the mean of the pruned values). Every slot also holds one int32 row id (shared by
-all layers) into small per-layer tables of window statistics (the query channel norms that chose
-and recover its channels); those tables cost per compression event, not per token.
+``T = D - P`` with ``P = int(key_ratio * D)`` pruned channels, fixed per configuration, so one slot
+is one row of every buffer: SGLang's allocator, ``req_to_token`` and radix tree keep moving plain
+slot indices. Values are SGLang's dense ``[D]`` entries unless ``value_ratio > 0``; then a **value
+record**: ``kept`` (``Tv * e``), ``mask`` (``D / 8``), bfloat16 ``fill`` (the mean of the pruned
+values), padded to 16 bytes.
 
-``T = D - int(key_ratio * D)`` is fixed, so a slot is one row: SGLang's allocator, ``req_to_token``
-and radix tree keep moving plain slot indices.
+Every slot also holds one int32 window-row id (shared by all layers) into a small per-layer table
+of window statistics ``[rows, stats, Hkv, D]`` (bfloat16): the query channel norm ``Qn`` that
+chooses and recovers a token's key channels (and the value channel bias when values are pruned).
+Rows are per compression event (one request's extend), not per token.
+
+``SlotLayout`` computes the offsets; the pool allocates records as ``uint8`` and hands the kernels
+typed views of each part (``key_views``), so reference, pool, kernels and byte accounting share
+this one description.
 """
 
 from __future__ import annotations
@@ -31,12 +44,21 @@ import torch
 
 RECOVERY_MODES = ("mean", "zero")
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32) + FP8_DTYPES
 BITS_PER_WORD = 32
+#: Records start at multiples of this many bytes (one 128-bit load).
+RECORD_ALIGN = 16
+#: The fills' storage type: 16 bits with float32's range (a fill is ``sqrt`` of a saliency).
+FILL_DTYPE = torch.bfloat16
+#: Storage type of the window-statistics tables.
+STATS_DTYPE = torch.bfloat16
 #: Bytes of the per-slot window row id (int32), shared by all layers.
 ROW_ID_BYTES = 4
-#: Most float32 statistics a window row holds per layer and KV head: key channel norm, value bias.
-WINDOW_STATS = 2
+
+
+def _align(offset: int, to: int) -> int:
+    return -(-offset // to) * to
 
 
 def _ratio_error(field: str, value: float) -> ValueError:
@@ -108,10 +130,10 @@ class SparKConfig:
 
 @dataclass(frozen=True)
 class SlotLayout:
-    """Sizes of the compact layout for one head dim and dtype (see module docstring)."""
+    """Sizes and byte offsets of the compact records for one head dim and cache dtype."""
 
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the cache's storage dtype for kept (and dense) entries
     key_kept: int  # T
     value_kept: int  # Tv (== head_dim when values are dense)
     recovery: str
@@ -126,8 +148,8 @@ class SlotLayout:
             )
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(
-                f"SparK does not support KV dtype {dtype}: use one of float16, bfloat16, float32 "
-                "(an FP8 KV cache cannot be combined with SparK)"
+                f"SparK does not support KV cache dtype {dtype}: use float16, bfloat16, float32 or an "
+                "FP8 cache (--kv-cache-dtype fp8_e4m3 / fp8_e5m2)"
             )
         return SlotLayout(
             head_dim=head_dim,
@@ -138,8 +160,11 @@ class SlotLayout:
             values_compressed=int(config.value_ratio * head_dim) > 0,
         )
 
+    # --- counts ---------------------------------------------------------------------------------
+
     @property
     def words(self) -> int:
+        """int32 words of a channel bitmap."""
         return self.head_dim // BITS_PER_WORD
 
     @property
@@ -154,24 +179,70 @@ class SlotLayout:
     def stores_sign(self) -> bool:
         return self.recovery == "mean"
 
+    @property
+    def sign_words(self) -> int:
+        """int32 words of sign bits (one bit per pruned key channel; "mean" only)."""
+        return -(-self.key_pruned // BITS_PER_WORD) if self.stores_sign else 0
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype in FP8_DTYPES
+
+    @property
+    def esize(self) -> int:
+        return self.dtype.itemsize
+
+    # --- key record -------------------------------------------------------------------------------
+
+    @property
+    def key_mask_offset(self) -> int:
+        return _align(self.key_kept * self.esize, 4)
+
+    @property
+    def key_sign_offset(self) -> int:
+        return self.key_mask_offset + 4 * self.words
+
+    @property
+    def key_fill_offset(self) -> int:
+        return self.key_sign_offset + 4 * self.sign_words
+
+    @property
+    def key_record_bytes(self) -> int:
+        end = self.key_fill_offset + (FILL_DTYPE.itemsize if self.stores_sign else 0)
+        return _align(end, RECORD_ALIGN)
+
+    # --- value record (values_compressed only) ----------------------------------------------------
+
+    @property
+    def value_mask_offset(self) -> int:
+        return _align(self.value_kept * self.esize, 4)
+
+    @property
+    def value_fill_offset(self) -> int:
+        return self.value_mask_offset + 4 * self.words
+
+    @property
+    def value_record_bytes(self) -> int:
+        return _align(self.value_fill_offset + FILL_DTYPE.itemsize, RECORD_ALIGN)
+
+    # --- bytes -------------------------------------------------------------------------------------
+
     def key_bytes_per_head(self) -> int:
-        esize = self.dtype.itemsize
-        side = 4 * self.words + (4 * self.words + 4 if self.stores_sign else 0)
-        return self.key_kept * esize + side
+        return self.key_record_bytes
 
     def value_bytes_per_head(self) -> int:
-        esize = self.dtype.itemsize
-        if not self.values_compressed:
-            return self.head_dim * esize
-        return self.value_kept * esize + 4 * self.words + 4
+        return self.value_record_bytes if self.values_compressed else self.head_dim * self.esize
 
     @property
     def stats_per_window_row(self) -> int:
-        """float32 statistics per row, layer and head: key channel norm (+ value bias)."""
-        return WINDOW_STATS if self.values_compressed else 1
+        """Statistics per window row, layer and head: key channel norm (+ value bias)."""
+        return 2 if self.values_compressed else 1
+
+    def window_row_bytes_per_head(self) -> int:
+        return self.stats_per_window_row * self.head_dim * STATS_DTYPE.itemsize
 
     def dense_bytes_per_head(self) -> int:
-        return 2 * self.head_dim * self.dtype.itemsize
+        return 2 * self.head_dim * self.esize
 
 
 def bytes_per_token(
@@ -194,7 +265,7 @@ def bytes_per_token(
     keys = sparse_layers * num_kv_heads * layout.key_bytes_per_head()
     values = sparse_layers * num_kv_heads * layout.value_bytes_per_head()
     dense_part = dense_layers * num_kv_heads * layout.dense_bytes_per_head()
-    window_row = sparse_layers * num_kv_heads * head_dim * 4 * layout.stats_per_window_row
+    window_row = sparse_layers * num_kv_heads * layout.window_row_bytes_per_head()
     spark = keys + values + dense_part + ROW_ID_BYTES
     result = {
         "dense": float(dense),
@@ -209,3 +280,34 @@ def bytes_per_token(
         result["spark_total"] = spark + window_row / tokens_per_window
     result["ratio"] = result.get("spark_total", spark) / dense
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed views of records
+# ---------------------------------------------------------------------------------------------
+
+
+def _part(records: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes ``[offset, offset + nbytes)`` of every record ``[..., R]`` as ``[..., nbytes / e]`` of dtype."""
+    return records[..., offset : offset + nbytes].view(dtype)
+
+
+def key_views(layout: SlotLayout, records: torch.Tensor):
+    """``(kept, mask, sign, fill)`` views into key records ``[S, H, R]`` uint8: ``kept [S, H, T]``
+    (cache dtype), ``mask [S, H, D/32]`` int32, and for "mean" ``sign [S, H, ceil(P/32)]`` int32 and
+    ``fill [S, H]`` bfloat16 (else None, None)."""
+    kept = _part(records, 0, layout.key_kept * layout.esize, layout.dtype)
+    mask = _part(records, layout.key_mask_offset, 4 * layout.words, torch.int32)
+    if not layout.stores_sign:
+        return kept, mask, None, None
+    sign = _part(records, layout.key_sign_offset, 4 * layout.sign_words, torch.int32)
+    fill = _part(records, layout.key_fill_offset, FILL_DTYPE.itemsize, FILL_DTYPE)[..., 0]
+    return kept, mask, sign, fill
+
+
+def value_views(layout: SlotLayout, records: torch.Tensor):
+    """``(kept, mask, fill)`` views into value records ``[S, H, R]`` uint8."""
+    kept = _part(records, 0, layout.value_kept * layout.esize, layout.dtype)
+    mask = _part(records, layout.value_mask_offset, 4 * layout.words, torch.int32)
+    fill = _part(records, layout.value_fill_offset, FILL_DTYPE.itemsize, FILL_DTYPE)[..., 0]
+    return kept, mask, fill

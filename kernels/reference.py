@@ -3,11 +3,16 @@
 Shapes: keys / values ``[N, Hkv, D]`` (one sequence, or any set of tokens); window queries
 ``[W, Hq, D]`` after RoPE. All scoring runs in float32; outputs keep the input dtype.
 
-Semantics follow the released SparK code (DESIGN.md §1), with two stated choices:
+Semantics follow the released SparK code (DESIGN.md §1), with these stated choices:
 
 * Ties in saliency break towards pruning the lower channel index (a stable ascending sort), so
   exactly ``P = int(ratio * D)`` channels are pruned and every implementation agrees bit for bit.
+  A NaN saliency ranks as ``+inf`` (kept): a NaN key never changes how many channels are kept.
 * A channel whose window norm ``Qn[c]`` is 0 recovers to 0 (the released ``sqrt(w / 0)`` is inf).
+* What the compact cache stores (kernels/layout.py) is part of the semantics: the fill is rounded
+  to bfloat16; an FP8 cache stores kept entries as ``x / scale`` saturated to the format's range
+  (SGLang's ``k_scale`` / ``v_scale`` convention, selection and fills from the unquantised
+  values); recovered keys are clamped to the output dtype's finite range.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .layout import BITS_PER_WORD, SparKConfig, SlotLayout, bytes_per_token  # noqa: F401
+from .layout import FILL_DTYPE, FP8_DTYPES, BITS_PER_WORD, SparKConfig, SlotLayout, bytes_per_token  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # Window statistics
@@ -57,14 +62,19 @@ def value_channel_bias(values: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _nan_as_inf(score: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(score), float("inf"), score)
+
+
 def key_saliency(keys: torch.Tensor, key_norm: torch.Tensor) -> torch.Tensor:
-    """``s[t, h, c] = k[t, h, c]^2 * Qn[h, c]`` in float32 (``key_norm`` broadcasts to keys)."""
+    """``s[t, h, c] = k[t, h, c]^2 * Qn[h, c]`` in float32 (``key_norm`` broadcasts to keys);
+    NaN counts as ``+inf``."""
     k = keys.float()
-    return k * k * key_norm
+    return _nan_as_inf(k * k * key_norm.float())
 
 
 def value_saliency(values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return values.float().abs() + bias
+    return _nan_as_inf(values.float().abs() + bias.float())
 
 
 def kept_mask(saliency: torch.Tensor, num_pruned: int) -> torch.Tensor:
@@ -96,9 +106,40 @@ def value_fill(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def recovered_keys(
     keys_negative: torch.Tensor, fill: torch.Tensor, key_norm: torch.Tensor
 ) -> torch.Tensor:
-    """Value given to a pruned key channel: ``sign * sqrt(w / Qn)`` as ``sign * fill * Qn^-1/2``."""
-    magnitude = fill[..., None] * rsqrt_or_zero(key_norm)
+    """Value given to a pruned key channel: ``sign * sqrt(w / Qn)`` as ``sign * fill * Qn^-1/2``
+    (float32; ``fill`` is the stored, rounded fill)."""
+    magnitude = fill.float()[..., None] * rsqrt_or_zero(key_norm.float())
     return torch.where(keys_negative, -magnitude, magnitude)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage of kept entries: the cache dtype, FP8 with a scale
+# ---------------------------------------------------------------------------------------------
+
+
+def to_storage(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Entries as an ``dtype`` cache stores them: FP8 holds ``x / scale`` saturated to its finite
+    range (NaN stays NaN); other dtypes hold ``x`` rounded."""
+    if dtype in FP8_DTYPES:
+        limit = torch.finfo(dtype).max
+        return (x.float() / scale).clamp(-limit, limit).to(dtype)
+    return x.to(dtype)
+
+
+def from_storage(stored: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Stored entries back as float32 (FP8: times ``scale``)."""
+    return stored.float() * scale if stored.dtype in FP8_DTYPES else stored.float()
+
+
+def output_dtype(stored_dtype: torch.dtype) -> torch.dtype:
+    """The dtype rebuilt keys/values have: the cache dtype, or float32 for an FP8 cache."""
+    return torch.float32 if stored_dtype in FP8_DTYPES else stored_dtype
+
+
+def _finite(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Clamp to ``dtype``'s finite range (a recovered fp16 key can exceed it)."""
+    limit = torch.finfo(dtype).max
+    return x.clamp(-limit, limit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,36 +154,33 @@ def _num_pruned(prune_ratio: float, head_dim: int) -> int:
 
 
 def simulate_keys_with_norm(
-    keys: torch.Tensor, key_norm: torch.Tensor, prune_ratio: float, recovery: str = "mean"
-) -> torch.Tensor:
-    """:func:`simulate_keys` given the window norm ``Qn`` (broadcastable to keys) directly."""
+    keys: torch.Tensor, key_norm: torch.Tensor, prune_ratio: float, recovery: str = "mean",
+    *, dtype: torch.dtype | None = None, scale: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`simulate_keys` given the window norm ``Qn`` (broadcastable to keys) directly.
+    ``dtype``/``scale``: the cache's storage (default: the keys' dtype)."""
     if recovery not in ("mean", "zero"):
         raise ValueError(f"recovery={recovery!r} must be 'mean' or 'zero'")
-    num_pruned = _num_pruned(prune_ratio, keys.shape[-1])
-    saliency = key_saliency(keys, key_norm)
-    keep = kept_mask(saliency, num_pruned)
-    if recovery == "zero":
-        fill_values = torch.zeros_like(saliency)
-    else:
-        fill_values = recovered_keys(~(keys > 0), key_fill(saliency, keep), key_norm)
-    return torch.where(keep, keys.float(), fill_values).to(keys.dtype)
+    packed = pack_keys(keys, key_norm, prune_ratio, recovery, dtype=dtype, scale=scale)
+    return unpack_keys(packed, key_norm, scale=scale)
 
 
 def simulate_keys(
     keys: torch.Tensor, window_queries: torch.Tensor, prune_ratio: float, recovery: str = "mean"
 ) -> torch.Tensor:
     """Keys with each token-head's ``int(ratio * D)`` least salient channels replaced by their
-    recovered values ("mean": ``sign(k) * sqrt(mean pruned saliency / Qn)``; "zero": 0)."""
+    recovered values ("mean": ``sign(k) * sqrt(mean pruned saliency / Qn)``; "zero": 0), exactly
+    as the compact cache serves them (:func:`unpack_keys` of :func:`pack_keys`)."""
     key_norm = window_channel_norm(window_queries, keys.shape[1])
     return simulate_keys_with_norm(keys, key_norm, prune_ratio, recovery)
 
 
-def simulate_values(values: torch.Tensor, prune_ratio: float) -> torch.Tensor:
+def simulate_values(
+    values: torch.Tensor, prune_ratio: float, *, dtype: torch.dtype | None = None, scale: float = 1.0
+) -> torch.Tensor:
     """Values with each token-head's lowest-scoring channels replaced by their mean (§1.5)."""
-    num_pruned = _num_pruned(prune_ratio, values.shape[-1])
-    keep = kept_mask(value_saliency(values, value_channel_bias(values)), num_pruned)
-    fill = value_fill(values, keep)
-    return torch.where(keep, values.float(), fill[..., None]).to(values.dtype)
+    packed = pack_values(values, value_channel_bias(values), prune_ratio, dtype=dtype, scale=scale)
+    return unpack_values(packed, scale=scale)
 
 
 def think_keys(
@@ -163,28 +201,30 @@ def think_keys(
 
 
 class PackedKeys(NamedTuple):
-    kept: torch.Tensor  # [N, H, T] kv dtype, channel order
+    kept: torch.Tensor  # [N, H, T] cache dtype, channel order (FP8: x / scale)
     mask: torch.Tensor  # [N, H, D/32] int32, bit set = kept
-    sign: torch.Tensor | None  # [N, H, D/32] int32, bit set = original key <= 0 ("mean" only)
-    fill: torch.Tensor | None  # [N, H] float32, sqrt(mean pruned saliency) ("mean" only)
+    sign: torch.Tensor | None  # [N, H, ceil(P/32)] int32, bit i set = i-th pruned key <= 0 ("mean" only)
+    fill: torch.Tensor | None  # [N, H] bfloat16, sqrt(mean pruned saliency) ("mean" only)
 
 
 class PackedValues(NamedTuple):
-    kept: torch.Tensor  # [N, H, Tv] kv dtype, channel order
+    kept: torch.Tensor  # [N, H, Tv] cache dtype, channel order (FP8: x / scale)
     mask: torch.Tensor  # [N, H, D/32] int32
-    fill: torch.Tensor  # [N, H] float32, mean of the pruned values
+    fill: torch.Tensor  # [N, H] bfloat16, mean of the pruned values
 
 
 def bits_to_words(bits: torch.Tensor) -> torch.Tensor:
-    """Bool ``[..., D]`` -> int32 ``[..., D/32]``; channel ``c`` is bit ``c % 32`` of word ``c // 32``."""
-    *lead, d = bits.shape
+    """Bool ``[..., n]`` -> int32 ``[..., ceil(n/32)]``; bit ``i`` is bit ``i % 32`` of word ``i // 32``
+    (missing high bits of the last word are 0)."""
+    *lead, n = bits.shape
+    padded = torch.nn.functional.pad(bits, (0, -n % BITS_PER_WORD)) if n % BITS_PER_WORD else bits
     shifts = torch.arange(BITS_PER_WORD, device=bits.device, dtype=torch.int64)
-    words = (bits.view(*lead, d // BITS_PER_WORD, BITS_PER_WORD).long() << shifts).sum(dim=-1)
+    words = (padded.reshape(*lead, padded.shape[-1] // BITS_PER_WORD, BITS_PER_WORD).long() << shifts).sum(dim=-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def words_to_bits(words: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`bits_to_words`."""
+    """Inverse of :func:`bits_to_words`: ``[..., W]`` int32 -> bool ``[..., 32 W]``."""
     shifts = torch.arange(BITS_PER_WORD, device=words.device, dtype=torch.int32)
     bits = (words.unsqueeze(-1) >> shifts) & 1
     return bits.flatten(-2).bool()
@@ -195,48 +235,72 @@ def _gather_kept(x: torch.Tensor, keep: torch.Tensor, kept: int) -> torch.Tensor
 
 
 def _scatter_kept(kept_values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Kept values at their channels, float32, 0 elsewhere."""
+    """Kept values (float32) at their channels, 0 elsewhere."""
     out = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
-    out[keep] = kept_values.float().reshape(-1)
+    out[keep] = kept_values.reshape(-1)
     return out
 
 
+def pruned_signs(keys: torch.Tensor, keep: torch.Tensor, num_pruned: int) -> torch.Tensor:
+    """Sign words of the ``num_pruned`` pruned channels only: bit ``i`` = the ``i``-th pruned
+    channel's key is not ``> 0`` (``<= 0`` or NaN)."""
+    negative = ~(keys > 0)
+    return bits_to_words(negative[~keep].view(*keys.shape[:-1], num_pruned))
+
+
+def pruned_sign_bits(sign: torch.Tensor, keep: torch.Tensor, num_pruned: int) -> torch.Tensor:
+    """Inverse of :func:`pruned_signs`: bool ``[..., D]``, True on pruned channels whose key was
+    not ``> 0``."""
+    negative = torch.zeros_like(keep)
+    negative[~keep] = words_to_bits(sign)[..., :num_pruned].reshape(-1)
+    return negative
+
+
 def pack_keys(
-    keys: torch.Tensor, key_norm: torch.Tensor, prune_ratio: float, recovery: str = "mean"
-) -> PackedKeys:
+    keys: torch.Tensor, key_norm: torch.Tensor, prune_ratio: float, recovery: str = "mean",
+    *, dtype: torch.dtype | None = None, scale: float = 1.0,
+) -> PackedKeys:  # fmt: skip
     """Dense keys ``[N, H, D]`` -> compact layout. ``key_norm`` broadcasts to keys: ``[H, D]`` for
-    one window, or ``[N, H, D]`` for a window per token (``table[row_ids]``)."""
+    one window, or ``[N, H, D]`` for a window per token (``table[row_ids]``). ``dtype``: the cache
+    dtype kept entries are stored in (default ``keys.dtype``); ``scale``: FP8's ``k_scale``."""
     num_pruned = _num_pruned(prune_ratio, keys.shape[-1])
     saliency = key_saliency(keys, key_norm)
     keep = kept_mask(saliency, num_pruned)
-    kept = _gather_kept(keys, keep, keys.shape[-1] - num_pruned)
+    kept = to_storage(_gather_kept(keys, keep, keys.shape[-1] - num_pruned), dtype or keys.dtype, scale)
     if recovery == "zero":
         return PackedKeys(kept, bits_to_words(keep), None, None)
-    return PackedKeys(kept, bits_to_words(keep), bits_to_words(~(keys > 0)), key_fill(saliency, keep))
+    fill = key_fill(saliency, keep).to(FILL_DTYPE)
+    return PackedKeys(kept, bits_to_words(keep), pruned_signs(keys, keep, num_pruned), fill)
 
 
-def unpack_keys(packed: PackedKeys, key_norm: torch.Tensor) -> torch.Tensor:
-    """Compact layout -> dense keys with pruned channels recovered (equals :func:`simulate_keys`)."""
+def unpack_keys(packed: PackedKeys, key_norm: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    """Compact layout -> dense keys with pruned channels recovered, in :func:`output_dtype`."""
     keep = words_to_bits(packed.mask)
-    dense = _scatter_kept(packed.kept, keep)
+    dense = _scatter_kept(from_storage(packed.kept, scale), keep)
+    dtype = output_dtype(packed.kept.dtype)
     if packed.sign is None:
-        return dense.to(packed.kept.dtype)
-    recovered = recovered_keys(words_to_bits(packed.sign), packed.fill, key_norm)
-    return torch.where(keep, dense, recovered).to(packed.kept.dtype)
+        return dense.to(dtype)
+    num_pruned = keep.shape[-1] - packed.kept.shape[-1]
+    recovered = recovered_keys(pruned_sign_bits(packed.sign, keep, num_pruned), packed.fill, key_norm)
+    return torch.where(keep, dense, _finite(recovered, dtype)).to(dtype)
 
 
-def pack_values(values: torch.Tensor, bias: torch.Tensor, prune_ratio: float) -> PackedValues:
+def pack_values(
+    values: torch.Tensor, bias: torch.Tensor, prune_ratio: float,
+    *, dtype: torch.dtype | None = None, scale: float = 1.0,
+) -> PackedValues:  # fmt: skip
     """Dense values -> compact layout; ``bias`` (:func:`value_channel_bias`) broadcasts to values."""
     num_pruned = _num_pruned(prune_ratio, values.shape[-1])
     keep = kept_mask(value_saliency(values, bias), num_pruned)
-    kept = _gather_kept(values, keep, values.shape[-1] - num_pruned)
-    return PackedValues(kept, bits_to_words(keep), value_fill(values, keep))
+    kept = to_storage(_gather_kept(values, keep, values.shape[-1] - num_pruned), dtype or values.dtype, scale)
+    return PackedValues(kept, bits_to_words(keep), value_fill(values, keep).to(FILL_DTYPE))
 
 
-def unpack_values(packed: PackedValues) -> torch.Tensor:
+def unpack_values(packed: PackedValues, *, scale: float = 1.0) -> torch.Tensor:
     keep = words_to_bits(packed.mask)
-    dense = _scatter_kept(packed.kept, keep)
-    return torch.where(keep, dense, packed.fill[..., None]).to(packed.kept.dtype)
+    dense = _scatter_kept(from_storage(packed.kept, scale), keep)
+    dtype = output_dtype(packed.kept.dtype)
+    return torch.where(keep, dense, _finite(packed.fill.float()[..., None], dtype)).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------

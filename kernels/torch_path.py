@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-from .reference import PackedKeys, PackedValues, kept_mask, key_fill, key_saliency, rsqrt_or_zero
-from .reference import bits_to_words, value_fill, value_saliency
+from .reference import PackedKeys, PackedValues, from_storage, output_dtype, pack_keys, pack_values, rsqrt_or_zero
+from .reference import to_storage
 
 __all__ = ["compress_and_store", "TorchDecodeWrapper", "extend_attention", "unpack_slots"]
 
@@ -57,29 +57,33 @@ def compress_and_store(
     window_stats: torch.Tensor,
     key_cache: PackedKeys,
     value_cache: PackedValues | torch.Tensor,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Same contract as ``compress.compress_and_store``: select, pack and write a batch's keys and
-    values at ``slots`` under window rows ``rows``. Bit-exact with ``reference.pack_keys`` /
-    ``pack_values`` (it runs the reference's selection), fill included."""
+    values at ``slots`` under window rows ``rows``. Runs ``reference.pack_keys`` /
+    ``pack_values``, so every stored bit equals the reference's."""
     num_tokens, _, head_dim = k.shape
     if num_tokens == 0:
         return
-    slots, rows = slots.long(), rows.long()
-    stats = window_stats.index_select(0, rows)  # [N, stats, H, D]
-    saliency = key_saliency(k, stats[:, 0])
-    keep = kept_mask(saliency, head_dim - key_cache.kept.shape[-1])
-    key_cache.kept[slots] = k[keep].view(num_tokens, k.shape[1], -1)
-    key_cache.mask[slots] = bits_to_words(keep)
-    if key_cache.sign is not None:
-        key_cache.sign[slots] = bits_to_words(~(k > 0))
-        key_cache.fill[slots] = key_fill(saliency, keep)
+    slots = slots.long()
+    stats = window_stats.index_select(0, rows.long()).float()  # [N, stats, H, D]
+    recovery = "mean" if key_cache.sign is not None else "zero"
+    ratio = (head_dim - key_cache.kept.shape[-1]) / head_dim  # exact: D is a power of two
+    packed = pack_keys(k, stats[:, 0], ratio, recovery, dtype=key_cache.kept.dtype, scale=k_scale)
+    _write(key_cache, packed, slots)
     if isinstance(value_cache, PackedValues):
-        keep_v = kept_mask(value_saliency(v, stats[:, 1]), head_dim - value_cache.kept.shape[-1])
-        value_cache.kept[slots] = v[keep_v].view(num_tokens, v.shape[1], -1)
-        value_cache.mask[slots] = bits_to_words(keep_v)
-        value_cache.fill[slots] = value_fill(v, keep_v)
+        ratio = (head_dim - value_cache.kept.shape[-1]) / head_dim
+        _write(value_cache, pack_values(v, stats[:, 1], ratio, dtype=value_cache.kept.dtype, scale=v_scale), slots)
     else:
-        value_cache[slots] = v
+        value_cache[slots] = to_storage(v, value_cache.dtype, v_scale)
+
+
+def _write(cache, packed, slots: torch.Tensor) -> None:
+    for destination, source in zip(cache, packed):
+        if destination is not None:
+            destination[slots] = source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,41 +96,52 @@ def _head_major(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, slots).transpose(0, 1).contiguous()
 
 
-def _place_kept(kept: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Kept values at their channels (float32, 0 elsewhere); kept values are in bit order."""
-    return torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_scatter_(keep, kept.float())
+def _place(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``values [..., n]`` (float32) placed, in order, on the True entries of ``where [..., D]``
+    (n of them per row); 0 elsewhere."""
+    return torch.zeros(where.shape, dtype=torch.float32, device=where.device).masked_scatter_(where, values)
 
 
 def unpack_slots(
-    keys: PackedKeys,
+    keys: PackedKeys | torch.Tensor,
     values: PackedValues | torch.Tensor,
-    window_stats: torch.Tensor,
+    window_stats: torch.Tensor | None,
     slot_rows: torch.Tensor,
     slots: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense keys and values ``[Hkv, n, D]`` (KV dtype) of ``slots``, head-major, equal to
-    ``reference.unpack_keys`` / ``unpack_values`` of those slots. A dense layer's plain
-    ``[S, Hkv, D]`` tensors (``--spark-dense-layers``) are read as they are."""
+    """Dense keys and values ``[Hkv, n, D]`` of ``slots``, head-major, equal to
+    ``reference.unpack_keys`` / ``unpack_values`` of those slots (``reference.output_dtype``: the
+    cache dtype, float32 for FP8). A dense layer's plain ``[S, Hkv, D]`` tensors
+    (``--spark-dense-layers``) are read as they are."""
     slots = slots.long()
     if isinstance(keys, torch.Tensor):
-        return _head_major(keys, slots), _head_major(values, slots)
-    dtype = keys.kept.dtype
+        k, v = _head_major(keys, slots), _head_major(values, slots)
+        dtype = output_dtype(k.dtype)
+        return from_storage(k, k_scale).to(dtype), from_storage(v, v_scale).to(dtype)
+    dtype = output_dtype(keys.kept.dtype)
     keep = words_to_bits(_head_major(keys.mask, slots))
-    k = _place_kept(_head_major(keys.kept, slots), keep)
+    k = _place(from_storage(_head_major(keys.kept, slots), k_scale), keep)
     if keys.sign is not None:
+        num_pruned = keep.shape[-1] - keys.kept.shape[-1]
+        sign_bits = words_to_bits(_head_major(keys.sign, slots))[..., :num_pruned]
+        negative = torch.zeros_like(keep).masked_scatter_(~keep, sign_bits)
         # Qn^-1/2 of each distinct window row once, then one gather per token.
         rows, row_of_slot = torch.unique(slot_rows.index_select(0, slots), return_inverse=True)
-        inv_norm = rsqrt_or_zero(window_stats[rows.long(), 0]).transpose(0, 1)  # [H, U, D]
-        magnitude = _head_major(keys.fill, slots)[..., None] * inv_norm.index_select(1, row_of_slot)
-        negative = words_to_bits(_head_major(keys.sign, slots))
-        k = torch.where(keep, k, torch.where(negative, -magnitude, magnitude))
+        inv_norm = rsqrt_or_zero(window_stats[rows.long(), 0].float()).transpose(0, 1)  # [H, U, D]
+        magnitude = _head_major(keys.fill, slots).float()[..., None] * inv_norm.index_select(1, row_of_slot)
+        recovered = torch.where(negative, -magnitude, magnitude)
+        if dtype != torch.float32:  # a recovered fp16 key may exceed the range: clamp, as the reference
+            recovered = recovered.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+        k = torch.where(keep, k, recovered)
     if isinstance(values, PackedValues):
         keep_v = words_to_bits(_head_major(values.mask, slots))
-        v = _place_kept(_head_major(values.kept, slots), keep_v)
-        v = torch.where(keep_v, v, _head_major(values.fill, slots)[..., None]).to(dtype)
+        v = _place(from_storage(_head_major(values.kept, slots), v_scale), keep_v)
+        v = torch.where(keep_v, v, _head_major(values.fill, slots).float()[..., None])
     else:
-        v = _head_major(values, slots)
-    return k.to(dtype), v
+        v = from_storage(_head_major(values, slots), v_scale)
+    return k.to(dtype), v.to(dtype)
 
 
 def _soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
@@ -158,7 +173,8 @@ class TorchDecodeWrapper:
         self._kv_indptr, self._kv_indices = kv_indptr, kv_indices
         self._bounds = kv_indptr.to("cpu", torch.int64).tolist()
 
-    def run(self, q, keys, values, window_stats, slot_rows, *, sm_scale=None, logit_cap=0.0, out=None, lse=None):
+    def run(self, q, keys, values, window_stats, slot_rows, *, sm_scale=None, logit_cap=0.0, out=None, lse=None,
+            k_scale=1.0, v_scale=1.0):  # fmt: skip
         """Same contract as ``SparKDecodeWrapper.run``: returns ``(out [B, Hq, Dv], lse [B, Hq])``."""
         if self._kv_indptr is None:
             raise RuntimeError("TorchDecodeWrapper.run called before plan")
@@ -170,7 +186,7 @@ class TorchDecodeWrapper:
         lse = lse if lse is not None else torch.empty(batch, self.num_qo_heads, dtype=torch.float32, device=q.device)
         scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(self.head_dim)
         slots = self._kv_indices[: self._bounds[-1]]
-        k, v = unpack_slots(keys, values, window_stats, slot_rows, slots)
+        k, v = unpack_slots(keys, values, window_stats, slot_rows, slots, k_scale, v_scale)
         group = self.num_qo_heads // self.num_kv_heads
         qf = q.float().view(batch, self.num_kv_heads, group, self.head_dim)
         for b, (start, end) in enumerate(zip(self._bounds[:-1], self._bounds[1:])):
@@ -213,7 +229,7 @@ def _attend(q, k, v, prefix_len: int, scale: float, logit_cap: float):
 
 def extend_attention(
     q, k, v, qo_indptr, prefix_indptr, prefix_indices, keys, values, window_stats, slot_rows, *,
-    max_q_len=None, sm_scale=None, logit_cap=0.0, out=None, lse=None, **_ignored,
+    max_q_len=None, sm_scale=None, logit_cap=0.0, out=None, lse=None, k_scale=1.0, v_scale=1.0, **_ignored,
 ):  # fmt: skip
     """Same contract as ``extend.extend_attention``: each request's new tokens attend to its
     compact prefix and, causally, to themselves. Returns ``(out [Nq, Hq, Dv], lse [Nq, Hq])``."""
@@ -224,14 +240,15 @@ def extend_attention(
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
     q_bounds = qo_indptr.to("cpu", torch.int64).tolist()
     p_bounds = prefix_indptr.to("cpu", torch.int64).tolist()
-    prefix_k, prefix_v = unpack_slots(keys, values, window_stats, slot_rows, prefix_indices[: p_bounds[-1]])
+    prefix_k, prefix_v = unpack_slots(keys, values, window_stats, slot_rows, prefix_indices[: p_bounds[-1]],
+                                      k_scale, v_scale)  # fmt: skip
     for b in range(len(q_bounds) - 1):
         rows = slice(q_bounds[b], q_bounds[b + 1])
         if rows.start == rows.stop:
             continue
         prefix = slice(p_bounds[b], p_bounds[b + 1])
-        k_all = torch.cat([prefix_k[:, prefix], k[rows].transpose(0, 1)], dim=1)
-        v_all = torch.cat([prefix_v[:, prefix], v[rows].transpose(0, 1)], dim=1)
+        k_all = torch.cat([prefix_k[:, prefix], k[rows].transpose(0, 1).to(prefix_k.dtype)], dim=1)
+        v_all = torch.cat([prefix_v[:, prefix], v[rows].transpose(0, 1).to(prefix_v.dtype)], dim=1)
         o, request_lse = _attend(q[rows].transpose(0, 1), k_all, v_all, prefix.stop - prefix.start, scale, logit_cap)
         out[rows] = o.transpose(0, 1)
         lse[rows] = request_lse.transpose(0, 1)

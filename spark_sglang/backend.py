@@ -71,6 +71,16 @@ def running_requests(req_to_token_pool) -> torch.Tensor:
     return running
 
 
+def kv_scales(layer) -> tuple[float, float]:
+    """An FP8 cache's per-layer dequantisation scales (SGLang's ``k_scale_float``; 1 if unset)."""
+    return getattr(layer, "k_scale_float", None) or 1.0, getattr(layer, "v_scale_float", None) or 1.0
+
+
+def kv_scale_kwargs(layer) -> dict:
+    k_scale, v_scale = kv_scales(layer)
+    return {"k_scale": k_scale, "v_scale": v_scale}
+
+
 def spark_pool(model_runner) -> SparKTokenToKVPool:
     pool = model_runner.token_to_kv_pool
     if not isinstance(pool, SparKTokenToKVPool):
@@ -170,12 +180,10 @@ class SparKBackendMixin:
         self._reject_extras(kwargs)
         if k is None or v is None:
             raise NotImplementedError("the spark attention backend needs the new tokens' K/V (cross-layer KV reuse is not supported)")
-        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        k3 = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim).to(self.pool.dtype)
-        v3 = v.view(-1, layer.tp_v_head_num, layer.v_head_dim).to(self.pool.dtype)
+        q3, k3, v3 = self._new_tokens(q, k, v, layer)
         if save_kv_cache:
             self._write_window_stats(cache, q3, v3)
-            self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k3, v3, self.write_rows)
+            self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k3, v3, self.write_rows, *kv_scales(layer))
         return self._extend_attention(q3, k3, v3, layer, cache.keys, cache.values, cache.window_stats)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -184,8 +192,18 @@ class SparKBackendMixin:
             return self._dense_forward(False, q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         self._reject_extras(kwargs)
         if save_kv_cache:
-            self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k, v, self.write_rows)
+            self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k, v, self.write_rows, *kv_scales(layer))
         return self._decode_attention(q, layer, cache.keys, cache.values, cache.window_stats)
+
+    def _new_tokens(self, q, k, v, layer):
+        """The extend's q/k/v as ``[tokens, heads, D]``; k/v in the cache dtype, or as computed
+        (the model dtype) when the cache is FP8: the extend reads its own tokens dense."""
+        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        k3 = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim)
+        v3 = v.view(-1, layer.tp_v_head_num, layer.v_head_dim)
+        if not self.pool.layout.is_fp8:
+            k3, v3 = k3.to(self.pool.dtype), v3.to(self.pool.dtype)
+        return q3, k3, v3
 
     def _extend_attention(self, q3, k3, v3, layer, keys, values, window_stats):
         state, csr = self.extend_state, self.csr
@@ -195,7 +213,7 @@ class SparKBackendMixin:
             keys, values, window_stats, self.pool.slot_rows,
             max_q_len=csr.max_extend_len, sm_scale=layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
-            out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+            out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim), **kv_scale_kwargs(layer),
         )  # fmt: skip
         return o
 
@@ -206,7 +224,7 @@ class SparKBackendMixin:
             q3, keys, values, window_stats, self.pool.slot_rows,
             sm_scale=layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
-            out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+            out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim), **kv_scale_kwargs(layer),
         )  # fmt: skip
         return o
 
@@ -220,7 +238,7 @@ class SparKBackendMixin:
         rows = state.rows
         if state.fresh is not None:
             rows, stats = rows[state.fresh], stats[state.fresh]
-        cache.window_stats[rows] = stats
+        cache.window_stats[rows] = stats.to(cache.window_stats.dtype)
 
     @staticmethod
     def _reject_extras(kwargs) -> None:
@@ -312,12 +330,10 @@ class SparKTorchAttnBackend(SparKBackendMixin, AttentionBackend):
         self._reject_extras(kwargs)
         cache = self.pool.layer_cache(layer.layer_id)
         if save_kv_cache and k is not None and v is not None:
-            self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k, v, self.write_rows)
+            self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k, v, self.write_rows, *kv_scales(layer))
         if not extend:
             return self._decode_attention(q, layer, cache.keys, cache.values, None)
-        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        k3 = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim).to(self.pool.dtype)
-        v3 = v.view(-1, layer.tp_v_head_num, layer.v_head_dim).to(self.pool.dtype)
+        q3, k3, v3 = self._new_tokens(q, k, v, layer)
         return self._extend_attention(q3, k3, v3, layer, cache.keys, cache.values, None)
 
     def support_triton(self):

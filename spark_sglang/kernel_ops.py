@@ -37,6 +37,11 @@ def kernel_ops(device: torch.device | str) -> KernelOps:
     if kernel_choice(device) == "triton":
         from spark_sglang.kernels import compress, decode, extend
 
+        if torch.device(device).type != "cuda":  # the interpreter: round as a GPU does
+            from spark_sglang.kernels import interpreter
+
+            interpreter.install()
+
         return KernelOps("triton", compress.compress_and_store, decode.SparKDecodeWrapper, extend.extend_attention)
     from spark_sglang.kernels import torch_path
 

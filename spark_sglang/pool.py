@@ -3,9 +3,13 @@
 One slot is still one row of every buffer, so SGLang's allocators, ``req_to_token`` and the radix
 tree move plain slot indices as before. Per layer the pool holds (see ``kernels/layout.py``):
 
-* compressed layers: ``PackedKeys`` (kept values, bitmap, sign bits, fill), values dense or
-  ``PackedValues``, and a table of window statistics ``[rows, stats, Hkv, D]`` float32;
+* compressed layers: key records ``[slots, Hkv, R]`` uint8 (read and written through their typed
+  ``PackedKeys`` views), values dense ``[slots, Hkv, D]`` or value records (``PackedValues``
+  views), and a table of window statistics ``[rows, stats, Hkv, D]`` bfloat16;
 * dense layers (``--spark-dense-layers``): SGLang's plain ``[slots, Hkv, D]`` K and V buffers.
+
+An FP8 cache (``--kv-cache-dtype fp8_e4m3`` / ``fp8_e5m2``) stores its kept and dense entries in
+FP8 as ``x / k_scale`` (``v_scale`` for values), SGLang's convention, through ``uint8`` storage.
 
 ``slot_rows [slots]`` int32 (shared by all layers) holds the window row each slot was compressed
 with; ``window_rows`` hands rows out and reclaims them (``spark_sglang.window_rows``).
@@ -20,8 +24,8 @@ import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
-from spark_sglang.kernels.layout import SparKConfig
-from spark_sglang.kernels.reference import PackedKeys, PackedValues
+from spark_sglang.kernels.layout import STATS_DTYPE, SparKConfig, key_views, value_views
+from spark_sglang.kernels.reference import PackedKeys, PackedValues, to_storage
 from spark_sglang.kernel_ops import kernel_ops
 from spark_sglang.window_rows import WindowRows
 
@@ -37,7 +41,8 @@ class LayerCache(NamedTuple):
 
     keys: PackedKeys | torch.Tensor
     values: PackedValues | torch.Tensor
-    window_stats: torch.Tensor | None  # [rows, stats, Hkv, D] float32; None for a dense layer
+    window_stats: torch.Tensor | None  # [rows, stats, Hkv, D] bfloat16; None for a dense layer
+    storage: tuple[torch.Tensor, torch.Tensor]  # the key and value buffers ``keys``/``values`` view
 
     @property
     def compressed(self) -> bool:
@@ -48,22 +53,8 @@ def num_window_rows(size: int) -> int:
     return max(MIN_ROWS, -(-size // TOKENS_PER_WINDOW_ROW))
 
 
-def _tensors(x) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    return [t for t in x if t is not None]
-
-
-def _index(x, loc, device=None):
-    """The rows ``loc`` of a dense tensor or of each tensor of a packed tuple (moved to ``device``)."""
-    if isinstance(x, torch.Tensor):
-        return x[loc].to(device or x.device)
-    return type(x)(*(None if t is None else t[loc].to(device or t.device) for t in x))
-
-
-def _assign(dst, loc, src) -> None:
-    for d, s in zip(_tensors(dst), _tensors(src)):
-        d[loc] = s.to(d.device, non_blocking=True)
+def _assign(dst: torch.Tensor, loc, src: torch.Tensor) -> None:
+    dst[loc] = src.to(dst.device, non_blocking=True)
 
 
 class SparKTokenToKVPool(MHATokenToKVPool):
@@ -103,33 +94,30 @@ class SparKTokenToKVPool(MHATokenToKVPool):
         self.dq_k_buffer = self.dq_v_buffer = None
 
     def _create_compact_buffers(self):
-        rows, heads, dim, words = self.size + self.page_size, self.head_num, self.head_dim, self.layout.words
-        mean = self.layout.stores_sign
+        rows, heads, dim, layout = self.size + self.page_size, self.head_num, self.head_dim, self.layout
 
-        def zeros(*shape, dtype=self.dtype):
+        def zeros(*shape, dtype=torch.uint8):
             return torch.zeros(shape, dtype=dtype, device=self.device)
+
+        def dense():  # [rows, Hkv, D] in the cache dtype; FP8 through uint8 storage
+            raw = zeros(rows, heads, dim * layout.esize)
+            return raw, raw.view(self.dtype)
 
         self.layers: list[LayerCache] = []
         for local in range(self.layer_num):
             if self.config.is_dense_layer(self.start_layer + local):
-                self.layers.append(LayerCache(zeros(rows, heads, dim), zeros(rows, heads, dim), None))
+                (k_raw, k), (v_raw, v) = dense(), dense()
+                self.layers.append(LayerCache(k, v, None, (k_raw, v_raw)))
                 continue
-            keys = PackedKeys(
-                kept=zeros(rows, heads, self.layout.key_kept),
-                mask=zeros(rows, heads, words, dtype=torch.int32),
-                sign=zeros(rows, heads, words, dtype=torch.int32) if mean else None,
-                fill=zeros(rows, heads, dtype=torch.float32) if mean else None,
-            )
-            if self.layout.values_compressed:
-                values = PackedValues(
-                    kept=zeros(rows, heads, self.layout.value_kept),
-                    mask=zeros(rows, heads, words, dtype=torch.int32),
-                    fill=zeros(rows, heads, dtype=torch.float32),
-                )
+            k_raw = zeros(rows, heads, layout.key_record_bytes)
+            keys = PackedKeys(*key_views(layout, k_raw))
+            if layout.values_compressed:
+                v_raw = zeros(rows, heads, layout.value_record_bytes)
+                values = PackedValues(*value_views(layout, v_raw))
             else:
-                values = zeros(rows, heads, dim)
-            stats = zeros(self.num_window_rows, self.layout.stats_per_window_row, heads, dim, dtype=torch.float32)
-            self.layers.append(LayerCache(keys, values, stats))
+                v_raw, values = dense()
+            stats = zeros(self.num_window_rows, layout.stats_per_window_row, heads, dim, dtype=STATS_DTYPE)
+            self.layers.append(LayerCache(keys, values, stats, (k_raw, v_raw)))
         self.slot_rows = zeros(rows, dtype=torch.int32)
 
     def _dense_view(self, storage) -> torch.Tensor:
@@ -149,9 +137,8 @@ class SparKTokenToKVPool(MHATokenToKVPool):
         k_bytes = self.slot_rows.nbytes
         v_bytes = 0
         for layer in self.layers:
-            k_bytes += sum(t.nbytes for t in _tensors(layer.keys))
-            k_bytes += layer.window_stats.nbytes if layer.compressed else 0
-            v_bytes += sum(t.nbytes for t in _tensors(layer.values))
+            k_bytes += layer.storage[0].nbytes + (layer.window_stats.nbytes if layer.compressed else 0)
+            v_bytes += layer.storage[1].nbytes
         return k_bytes, v_bytes
 
     def bytes_per_slot(self) -> float:
@@ -162,28 +149,31 @@ class SparKTokenToKVPool(MHATokenToKVPool):
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,
                       layer_id_override=None, dcp_kv_mask=None):  # fmt: skip
         """Compress and store the new tokens' K/V at ``loc`` with the window rows in ``slot_rows``."""
-        if k_scale is not None or v_scale is not None or dcp_kv_mask is not None:
-            raise ValueError("SparK's pool does not take KV scales or a DCP write mask")
+        if dcp_kv_mask is not None:
+            raise ValueError("SparK's pool does not take a DCP write mask")
         loc, _, _ = unwrap_write_loc(loc_info)
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
-        self.store(layer_id, loc, cache_k, cache_v, self.slot_rows[loc])
+        self.store(layer_id, loc, cache_k, cache_v, self.slot_rows[loc], _scale(k_scale), _scale(v_scale))
 
-    def store(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor):
+    def store(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+              k_scale: float = 1.0, v_scale: float = 1.0):  # fmt: skip
         """Write K/V at ``loc``, compressed under window ``rows`` (``slot_rows[loc]``, which the
-        attention backend computes once per batch instead of once per layer)."""
+        attention backend computes once per batch instead of once per layer). FP8 caches store
+        ``k / k_scale`` and ``v / v_scale``."""
         cache = self.layer_cache(layer_id)
-        k = k.to(self.dtype).view(-1, self.head_num, self.head_dim)
-        v = v.to(self.dtype).view(-1, self.head_num, self.head_dim)
+        k = k.view(-1, self.head_num, self.head_dim)
+        v = v.view(-1, self.head_num, self.head_dim)
         if not cache.compressed:
-            cache.keys[loc] = k
-            cache.values[loc] = v
+            cache.keys[loc] = to_storage(k, self.dtype, k_scale)
+            cache.values[loc] = to_storage(v, self.dtype, v_scale)
             return
-        self.ops.compress_and_store(k, v, loc, rows, cache.window_stats, cache.keys, cache.values)
+        self.ops.compress_and_store(k, v, loc, rows, cache.window_stats, cache.keys, cache.values,
+                                    k_scale=k_scale, v_scale=v_scale)  # fmt: skip
 
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
         for cache in self.layers:
-            _assign(cache.keys, tgt_loc, _index(cache.keys, src_loc))
-            _assign(cache.values, tgt_loc, _index(cache.values, src_loc))
+            for buffer in cache.storage:
+                buffer[tgt_loc] = buffer[src_loc]
         self.slot_rows[tgt_loc] = self.slot_rows[src_loc]
 
     # --- retraction: CPU copy and reload ---------------------------------------------------------
@@ -197,8 +187,7 @@ class SparKTokenToKVPool(MHATokenToKVPool):
         copy = {"row_of_slot": row_of_slot.cpu(), "layers": []}
         for cache in self.layers:
             stats = cache.window_stats[rows].cpu() if cache.compressed else None
-            keys, values = _index(cache.keys, indices, "cpu"), _index(cache.values, indices, "cpu")
-            copy["layers"].append((keys, values, stats))
+            copy["layers"].append(tuple(buffer[indices].cpu() for buffer in cache.storage) + (stats,))
         return copy
 
     def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None, req_pool_index=None):
@@ -213,8 +202,8 @@ class SparKTokenToKVPool(MHATokenToKVPool):
             )
         new_rows = torch.tensor(rows, dtype=torch.int32, device=self.device)
         for cache, (keys, values, stats) in zip(self.layers, kv_cache_cpu["layers"]):
-            _assign(cache.keys, indices, keys)
-            _assign(cache.values, indices, values)
+            _assign(cache.storage[0], indices, keys)
+            _assign(cache.storage[1], indices, values)
             if cache.compressed:
                 cache.window_stats[new_rows] = stats.to(self.device)
         self.slot_rows[indices] = new_rows[row_of_slot.to(self.device)]
@@ -232,3 +221,10 @@ class SparKTokenToKVPool(MHATokenToKVPool):
 
     def get_device_pool_infos(self):
         raise NotImplementedError("SparK's compact KV pool does not support HiCache / host KV mirrors")
+
+
+def _scale(scale) -> float:
+    """SGLang passes a layer's ``k_scale`` / ``v_scale`` as None, a float or a 1-element tensor."""
+    if scale is None:
+        return 1.0
+    return float(scale.item()) if isinstance(scale, torch.Tensor) else float(scale)

@@ -14,6 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # sglang's CPU-engine path needs sgl_kernel, which cannot be installed here.
     os.environ.pop("SGLANG_USE_CPU_ENGINE", None)
+    from spark_sglang.kernels.interpreter import install as _round_like_a_gpu
+
+    _round_like_a_gpu()
 
 _TMP = tempfile.mkdtemp(prefix="spark-tests-")
 os.environ["TMPDIR"] = _TMP

@@ -17,7 +17,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from spark_sglang.kernels import reference as R
-from spark_sglang.kernels.layout import SparKConfig
+from spark_sglang.kernels.layout import STATS_DTYPE, SparKConfig
 
 
 def _segment_of_positions(extends, length):
@@ -43,8 +43,9 @@ class SparKReferenceModel:
         segment = _segment_of_positions(self.extends, n)
         norms, biases = [], []
         for start, end in self.extends:
-            norms.append(R.window_channel_norm(q[max(start, end - self.config.window) : end], hkv))
-            biases.append(R.value_channel_bias(v[start:end]))
+            # The engine keeps window statistics in bfloat16 tables.
+            norms.append(R.window_channel_norm(q[max(start, end - self.config.window) : end], hkv).to(STATS_DTYPE))
+            biases.append(R.value_channel_bias(v[start:end]).to(STATS_DTYPE))
         if self.window_override is not None:  # statistics of an earlier request (radix hit)
             layer_norms, layer_biases = self.window_override[module.layer_idx]
             norms[0], biases[0] = layer_norms, layer_biases

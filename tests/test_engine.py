@@ -1,6 +1,7 @@
 """End to end through ``sglang.Engine`` on CPU with a tiny random-weight GQA Llama.
 
-The ``spark`` backend's kernels run in the Triton interpreter, in float32.
+The ``spark`` backend runs its PyTorch path on CPU; one case forces the Triton kernels
+(``SPARK_SGLANG_KERNELS=triton``, in the interpreter, float32) end to end.
 """
 
 import pytest
@@ -53,13 +54,18 @@ def test_ratio_zero_matches_dense_triton_backend(model_path, dense):
 
 
 @pytest.mark.parametrize(
-    "config",
-    [SparKConfig(key_ratio=0.5), SparKConfig(key_ratio=0.75, value_ratio=0.5, recovery="zero", window=8)],
-    ids=["K0.5-mean", "K0.75-V0.5-zero-w8"],
+    "config,kernels",
+    [
+        (SparKConfig(key_ratio=0.5), "torch"),
+        (SparKConfig(key_ratio=0.75, value_ratio=0.5, recovery="zero", window=8), "torch"),
+        (SparKConfig(key_ratio=0.5, value_ratio=0.3), "triton"),
+    ],
+    ids=["K0.5-mean", "K0.75-V0.5-zero-w8", "K0.5-V0.3-mean-triton"],
 )
-def test_spark_engine_matches_reference_model_and_saves_memory(model_path, dense, config):
+def test_spark_engine_matches_reference_model_and_saves_memory(model_path, dense, config, kernels, monkeypatch):
     """Greedy tokens and logprobs equal a transformers model whose cache is SparK-simulated by the
     PyTorch reference (radix-shared prefix included), and the pool holds more tokens."""
+    monkeypatch.setenv("SPARK_SGLANG_KERNELS", kernels)  # inherited by the scheduler process
     info, outputs, ids = serve(
         model_path, "spark", spark_key_ratio=config.key_ratio, spark_value_ratio=config.value_ratio,
         spark_recovery=config.recovery, spark_window=config.window,

@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from spark_sglang.kernels import decode, reference  # noqa: E402
+from spark_sglang.kernels import decode, layout, reference  # noqa: E402
+from tests.test_kernels_compress import poisoned_records  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: (output rtol = atol, LSE atol). Half-precision outputs: P is rounded to the KV dtype for the
@@ -49,50 +50,50 @@ def _scatter(shape, fill, live, data):
 
 
 def build_cache(
-    gen, num_slots, live, num_heads, head_dim, dtype, key_ratio, recovery, value_ratio, num_rows=3
+    gen, num_slots, live, num_heads, head_dim, dtype, key_ratio, recovery, value_ratio, num_rows=3, scale=1.0
 ):
-    """Pack random keys/values of the ``live`` slots with the reference; every other slot, and
-    one window row only they point at, hold NaN / all-ones bitmaps."""
-    nan, ones = float("nan"), -1
-    words = head_dim // 32
-    keys = torch.randn(len(live), num_heads, head_dim, generator=gen).to(dtype)
-    values = torch.randn(len(live), num_heads, head_dim, generator=gen).to(dtype)
+    """Pack random keys/values of the ``live`` slots with the reference into the pool's records
+    (kernels/layout.py); every other slot's record is poisoned (0xFF bytes: NaN entries, all-ones
+    bitmaps) and one window row only they point at holds NaN. ``dtype`` is the cache dtype (FP8:
+    entries stored as ``x / scale``)."""
+    lay = reference.SparKConfig(key_ratio=key_ratio, value_ratio=value_ratio, recovery=recovery).layout(
+        head_dim, dtype
+    )
+    model_dtype = torch.float32 if lay.is_fp8 else dtype
+    keys = torch.randn(len(live), num_heads, head_dim, generator=gen).to(model_dtype)
+    values = torch.randn(len(live), num_heads, head_dim, generator=gen).to(model_dtype)
     stats = torch.rand(num_rows + 1, 2, num_heads, head_dim, generator=gen) + 0.05
     stats[:, 0, :, ::7] = 0  # window channels that never fired recover to 0
-    stats[num_rows] = nan
+    stats[num_rows] = float("nan")
+    stats = stats.to(layout.STATS_DTYPE)
     rows = torch.full((num_slots,), num_rows, dtype=torch.int32)
     rows[live] = torch.randint(0, num_rows, (len(live),), generator=gen, dtype=torch.int32)
     norm = stats[rows[live].long(), 0]
 
-    pk = reference.pack_keys(keys, norm, key_ratio, recovery)
-    shape = (num_slots, num_heads)
-    packed_keys = reference.PackedKeys(
-        _scatter(shape + (pk.kept.shape[-1],), nan, live, pk.kept),
-        _scatter(shape + (words,), ones, live, pk.mask),
-        _scatter(shape + (words,), ones, live, pk.sign) if pk.sign is not None else None,
-        _scatter(shape, nan, live, pk.fill) if pk.fill is not None else None,
-    )
-    dense_keys = _scatter(shape + (head_dim,), nan, live, reference.unpack_keys(pk, norm))
+    (k_raw, v_raw), packed_keys, packed_values = poisoned_records(lay, num_slots, num_heads)
+    pk = reference.pack_keys(keys, norm, key_ratio, recovery, dtype=dtype, scale=scale)
+    for destination, source in zip(packed_keys, pk):
+        if destination is not None:
+            destination[live] = source.to(DEVICE)
+    shape = (num_slots, num_heads, head_dim)
+    nan = float("nan")
+    dense_keys = _scatter(shape, nan, live, reference.unpack_keys(pk, norm, scale=scale))
     if value_ratio:
-        pv = reference.pack_values(values, stats[rows[live].long(), 1], value_ratio)
-        packed_values = reference.PackedValues(
-            _scatter(shape + (pv.kept.shape[-1],), nan, live, pv.kept),
-            _scatter(shape + (words,), ones, live, pv.mask),
-            _scatter(shape, nan, live, pv.fill),
-        )
-        dense_values = _scatter(shape + (head_dim,), nan, live, reference.unpack_values(pv))
+        pv = reference.pack_values(values, stats[rows[live].long(), 1], value_ratio, dtype=dtype, scale=scale)
+        for destination, source in zip(packed_values, pv):
+            destination[live] = source.to(DEVICE)
+        dense_values = _scatter(shape, nan, live, reference.unpack_values(pv, scale=scale))
     else:
-        packed_values = dense_values = _scatter(shape + (head_dim,), nan, live, values)
-
-    def dev(t):
-        return t.to(DEVICE) if isinstance(t, torch.Tensor) else t
+        stored = reference.to_storage(values, dtype, scale)
+        packed_values[live] = stored.to(DEVICE)
+        dense_values = _scatter(shape, nan, live, reference.from_storage(stored, scale).to(reference.output_dtype(dtype)))
 
     return Cache(
-        reference.PackedKeys(*map(dev, packed_keys)),
-        reference.PackedValues(*map(dev, packed_values)) if value_ratio else dev(packed_values),
+        packed_keys,
+        packed_values,
         # Dense values: the pool may keep only Qn, a strided [R, 1, H, D] view here.
-        dev(stats if value_ratio else stats[:, :1]),
-        dev(rows),
+        (stats if value_ratio else stats[:, :1]).to(DEVICE),
+        rows.to(DEVICE),
         dense_keys,
         dense_values,
     )
@@ -114,8 +115,18 @@ def paged_batch(gen, lens, page_size, spare_pages=4, index_dtype=torch.int64):
     return indptr, torch.cat(indices).to(index_dtype), num_pages * page_size
 
 
+def query_dtype(cache_dtype: torch.dtype) -> torch.dtype:
+    """Queries (and tiles) of an FP8 cache stay in the model's dtype: float32 in these tests."""
+    return torch.float32 if cache_dtype in layout.FP8_DTYPES else cache_dtype
+
+
+def cache_scale(cache_dtype: torch.dtype) -> float:
+    """The k_scale / v_scale FP8 caches are tested with (1 otherwise)."""
+    return 0.5 if cache_dtype in layout.FP8_DTYPES else 1.0
+
+
 def assert_close_to_reference(out, lse, expect_out, expect_lse, dtype):
-    rtol, lse_atol = TOLERANCE[dtype]
+    rtol, lse_atol = TOLERANCE[query_dtype(dtype)]
     assert not out.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(out.float().cpu(), expect_out, rtol=rtol, atol=rtol)
     torch.testing.assert_close(lse.cpu(), expect_lse, rtol=0, atol=lse_atol)
@@ -154,6 +165,9 @@ CASES = [
     (torch.float16, 64, 8, 0.5, "mean", 0.5, 1, 0.0),
     (torch.float16, 128, 1, 0.8, "zero", 0.0, 1, 0.0),
     (torch.float16, 128, 4, 0.5, "mean", 0.0, 8, 0.0),
+    (torch.float8_e4m3fn, 64, 4, 0.5, "mean", 0.0, 1, 0.0),
+    (torch.float8_e5m2, 128, 2, 0.8, "mean", 0.5, 4, 0.0),
+    (torch.float8_e4m3fn, 32, 1, 0.7, "zero", 0.5, 1, 0.0),
 ]
 if DEVICE == "cuda":
     CASES += [
@@ -184,10 +198,11 @@ def test_decode_matches_reference(
     # (empty trailing splits), and one with no KV at all.
     lens = [1, BLOCK_N - 1, BLOCK_N + 1, 0, 6 * BLOCK_N - 3]
     indptr, indices, num_slots = paged_batch(gen, lens, page_size)
+    scale = cache_scale(dtype)
     cache = build_cache(
-        gen, num_slots, indices, num_kv_heads, head_dim, dtype, key_ratio, recovery, value_ratio
+        gen, num_slots, indices, num_kv_heads, head_dim, dtype, key_ratio, recovery, value_ratio, scale=scale
     )
-    q = torch.randn(len(lens), num_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(len(lens), num_heads, head_dim, generator=gen).to(query_dtype(dtype))
     sm_scale = 1.3 / math.sqrt(head_dim)
 
     wrapper = decode.SparKDecodeWrapper(
@@ -202,10 +217,10 @@ def test_decode_matches_reference(
         1,
         4,
     ]
-    out, lse = poisoned_outputs(len(lens), num_heads, head_dim, dtype)
+    out, lse = poisoned_outputs(len(lens), num_heads, head_dim, query_dtype(dtype))
     wrapper.run(
         q.to(DEVICE), cache.keys, cache.values, cache.window_stats, cache.slot_rows,
-        sm_scale=sm_scale, logit_cap=logit_cap, out=out, lse=lse,
+        sm_scale=sm_scale, logit_cap=logit_cap, out=out, lse=lse, k_scale=scale, v_scale=scale,
     )  # fmt: skip
 
     empty = 3

@@ -16,11 +16,14 @@ from tests.test_kernels_decode import (  # noqa: E402
     _case_id,
     assert_close_to_reference,
     build_cache,
+    cache_scale,
     paged_batch,
     poisoned_outputs,
+    query_dtype,
 )
 
-from spark_sglang.kernels import compress, decode, extend, reference  # noqa: E402
+from spark_sglang.kernels import compress, decode, extend, layout, reference  # noqa: E402
+from tests.test_kernels_compress import poisoned_records  # noqa: E402
 
 BLOCK_M, BLOCK_N = 16, 16
 
@@ -64,6 +67,8 @@ CASES = [
     (torch.float32, 32, 4, 0.5, "mean", 0.0, 1, 3.0),
     (torch.float16, 64, 4, 0.5, "mean", 0.5, 1, 0.0),
     (torch.float16, 128, 1, 0.8, "mean", 0.0, 16, 0.0),
+    (torch.float8_e4m3fn, 64, 3, 0.5, "mean", 0.0, 1, 0.0),
+    (torch.float8_e5m2, 128, 2, 0.6, "mean", 0.5, 4, 0.0),
 ]
 if DEVICE == "cuda":
     CASES += [
@@ -87,31 +92,25 @@ def test_extend_matches_reference(
     prefix_lens = [0, BLOCK_N - 1, BLOCK_N + 1, 3 * BLOCK_N + 2]
     q_lens = [BLOCK_M + 1, 1, BLOCK_M - 1, 5]
     prefix_indptr, prefix_indices, num_slots = paged_batch(gen, prefix_lens, page_size)
+    scale = cache_scale(dtype)
     cache = build_cache(
-        gen,
-        num_slots,
-        prefix_indices,
-        num_kv_heads,
-        head_dim,
-        dtype,
-        key_ratio,
-        recovery,
-        value_ratio,
-    )
+        gen, num_slots, prefix_indices, num_kv_heads, head_dim, dtype, key_ratio, recovery, value_ratio,
+        scale=scale,
+    )  # fmt: skip
     qo_indptr = _indptr(q_lens)
     num_q = sum(q_lens)
-    q = torch.randn(num_q, num_heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(num_q, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(num_q, num_kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(num_q, num_heads, head_dim, generator=gen).to(query_dtype(dtype))
+    k = torch.randn(num_q, num_kv_heads, head_dim, generator=gen).to(query_dtype(dtype))
+    v = torch.randn(num_q, num_kv_heads, head_dim, generator=gen).to(query_dtype(dtype))
     sm_scale = 0.9 / math.sqrt(head_dim)
 
-    out, lse = poisoned_outputs(num_q, num_heads, head_dim, dtype)
+    out, lse = poisoned_outputs(num_q, num_heads, head_dim, query_dtype(dtype))
     extend.extend_attention(
         q.to(DEVICE), k.to(DEVICE), v.to(DEVICE),
         qo_indptr.to(DEVICE), prefix_indptr.to(DEVICE), prefix_indices.to(DEVICE),
         cache.keys, cache.values, cache.window_stats, cache.slot_rows,
         max_q_len=max(q_lens), sm_scale=sm_scale, logit_cap=logit_cap, out=out, lse=lse,
-        block_m=BLOCK_M, block_n=BLOCK_N,
+        block_m=BLOCK_M, block_n=BLOCK_N, k_scale=scale, v_scale=scale,
     )  # fmt: skip
 
     slots = prefix_indices.long()
@@ -160,7 +159,6 @@ def test_prefill_compress_decode_round_trip(request):
     num_heads = num_kv_heads * group
     prefix_lens, q_lens = [40, 0], [9, 70]
     num_slots, num_rows = 256, 2
-    words = head_dim // 32
 
     # Window statistics: row b from request b's own window queries and values.
     window = torch.randn(len(q_lens), 8, num_heads, head_dim, generator=gen)
@@ -182,20 +180,10 @@ def test_prefill_compress_decode_round_trip(request):
             )
             for b in range(num_rows)
         ]
-    )
+    ).to(layout.STATS_DTYPE)
 
-    nan = float("nan")
-    keys = reference.PackedKeys(
-        torch.full((num_slots, num_kv_heads, head_dim // 2), nan, device=DEVICE),
-        torch.full((num_slots, num_kv_heads, words), -1, dtype=torch.int32, device=DEVICE),
-        torch.full((num_slots, num_kv_heads, words), -1, dtype=torch.int32, device=DEVICE),
-        torch.full((num_slots, num_kv_heads), nan, device=DEVICE),
-    )
-    values = reference.PackedValues(
-        torch.full((num_slots, num_kv_heads, head_dim // 2), nan, device=DEVICE),
-        torch.full((num_slots, num_kv_heads, words), -1, dtype=torch.int32, device=DEVICE),
-        torch.full((num_slots, num_kv_heads), nan, device=DEVICE),
-    )
+    config = reference.SparKConfig(key_ratio=key_ratio, value_ratio=value_ratio, recovery=recovery)
+    _, keys, values = poisoned_records(config.layout(head_dim, dtype), num_slots, num_kv_heads)
     slot_rows = torch.full((num_slots,), num_rows, dtype=torch.int32)  # out of range: never read
     slots = torch.randperm(num_slots, generator=gen)[: sum(prefix_lens) + sum(q_lens)].split(
         [n for pair in zip(prefix_lens, q_lens) for n in pair]

@@ -36,7 +36,8 @@ def rand(seed, *shape):
 
 
 def write(pool, slots, row, seed):
-    """Give `row` window statistics, point `slots` at it and write random K/V on every layer."""
+    """Give `row` window statistics, point `slots` at it and write random K/V on every layer.
+    Returns the K/V and the key norm as the (bfloat16) table holds it."""
     k, v = rand(seed, len(slots), HEADS, DIM), rand(seed + 1, len(slots), HEADS, DIM)
     norm = R.window_channel_norm(rand(seed + 2, 8, 2 * HEADS, DIM), HEADS)
     for cache in pool.layers:
@@ -44,10 +45,11 @@ def write(pool, slots, row, seed):
             cache.window_stats[row, 0] = norm
             if cache.window_stats.shape[1] > 1:
                 cache.window_stats[row, 1] = R.value_channel_bias(v)
+            stored_norm = cache.window_stats[row, 0]
     pool.slot_rows[slots] = row
     for layer_id in range(LAYERS):
         pool.set_kv_buffer(Layer(layer_id), KVWriteLoc(slots), k, v)
-    return k, v, norm
+    return k, v, stored_norm
 
 
 def read_keys(pool, layer_id, slots):
@@ -75,7 +77,8 @@ def test_write_read_matches_reference(recovery, value_ratio):
     k, v, norm = write(pool, slots, row=3, seed=0)
     expected_k = R.simulate_keys_with_norm(k, norm, 0.5, recovery)
     torch.testing.assert_close(read_keys(pool, 0, slots), expected_k, rtol=1e-6, atol=1e-6)
-    expected_v = R.unpack_values(R.pack_values(v, R.value_channel_bias(v), 0.5)) if value_ratio else v
+    bias = pool.layers[0].window_stats[3, -1]
+    expected_v = R.unpack_values(R.pack_values(v, bias, 0.5)) if value_ratio else v
     torch.testing.assert_close(read_values(pool, 0, slots), expected_v, rtol=1e-6, atol=1e-6)
     assert torch.equal(read_keys(pool, 1, slots), k) and torch.equal(read_values(pool, 1, slots), v)  # dense layer
 
@@ -88,7 +91,7 @@ def test_size_bytes_count_every_buffer_and_are_smaller_than_dense():
     layout = config.layout(DIM, torch.float32)
     slots = 4096 + 1
     per_slot = LAYERS * HEADS * (layout.key_bytes_per_head() + layout.value_bytes_per_head()) + 4
-    tables = LAYERS * pool.num_window_rows * HEADS * DIM * 4
+    tables = LAYERS * pool.num_window_rows * HEADS * DIM * 2  # bfloat16 Qn
     assert sum(pool.get_kv_size_bytes()) == slots * per_slot + tables
     assert sum(pool.get_kv_size_bytes()) < 0.85 * sum(dense.get_kv_size_bytes())
     assert pool.num_window_rows == MIN_ROWS

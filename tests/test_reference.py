@@ -44,13 +44,14 @@ def _loop_simulate_keys(k, qn, ratio, recovery):
         for h in range(hkv):
             s = [float(k[t, h, c]) ** 2 * float(qn[h, c]) for c in range(d)]
             pruned = sorted(range(d), key=lambda c: (s[c], c))[:p]
-            wbar = sum(s[c] for c in pruned) / max(p, 1)
+            # The cache stores the fill sqrt(wbar) rounded to bfloat16.
+            fill = float(torch.tensor(math.sqrt(sum(s[c] for c in pruned) / max(p, 1))).to(torch.bfloat16))
             for c in pruned:
                 if recovery == "zero" or qn[h, c] == 0:
                     out[t, h, c] = 0.0
                 else:
                     sign = 1.0 if float(k[t, h, c]) > 0 else -1.0
-                    out[t, h, c] = sign * math.sqrt(wbar / float(qn[h, c]))
+                    out[t, h, c] = sign * fill / math.sqrt(float(qn[h, c]))
     return out
 
 
@@ -107,8 +108,8 @@ def test_simulate_values_fills_with_mean_of_pruned():
     for t in range(20):
         for h in range(2):
             pruned = ~R.kept_mask(R.value_saliency(v, R.value_channel_bias(v)), 32)[t, h]
-            mean = v[t, h, pruned].mean()
-            assert torch.allclose(out[t, h, pruned], mean.expand(32))
+            mean = v[t, h, pruned].mean().to(torch.bfloat16).float()  # stored as a bfloat16 fill
+            assert torch.equal(out[t, h, pruned], mean.expand(32))
             assert torch.equal(out[t, h, ~pruned], v[t, h, ~pruned])
     assert changed.any()
 
@@ -139,12 +140,13 @@ def test_invariants(ratio):
     assert torch.all(keep.sum(-1) == t)  # exactly T kept per token-head
     out = R.simulate_keys(k, q, ratio)
     assert torch.equal(out[keep], k[keep])  # kept values untouched
-    # "mean": every pruned channel's saliency equals the token's mean pruned saliency.
+    # "mean": every pruned channel's saliency equals the token's mean pruned saliency (to the
+    # bfloat16 rounding of the stored fill: relative 2^-8 on sqrt, so about 2^-7 on the saliency).
     s_out = out.double() ** 2 * qn.double()
     s_in = k.double() ** 2 * qn.double()
     wbar = torch.where(~keep, s_in, 0).sum(-1) / (d - t)
     torch.testing.assert_close(
-        torch.where(~keep, s_out, 0), torch.where(~keep, wbar[..., None], 0), rtol=1e-5, atol=1e-7
+        torch.where(~keep, s_out, 0), torch.where(~keep, wbar[..., None], 0), rtol=2**-7, atol=1e-7
     )
     # The pruned channels are the lowest-saliency ones.
     assert torch.all(
@@ -245,15 +247,18 @@ def test_property_round_trip_and_counts(n, hkv, group, d, ratio, recovery, seed)
 def test_bytes_per_token_counts_side_data():
     cfg = SparKConfig(key_ratio=0.5)
     layout = cfg.layout(128, torch.bfloat16)
-    assert layout.key_bytes_per_head() == 64 * 2 + 16 + 16 + 4  # kept + mask + sign + fill
+    # kept 128 + mask 16 + sign bits of the 64 pruned channels 8 + bf16 fill 2 = 154, padded to 160
+    assert layout.key_bytes_per_head() == 160
     assert layout.value_bytes_per_head() == 256  # dense
     b = R.bytes_per_token(cfg, 128, 8, 32, torch.bfloat16, tokens_per_window=1024)
     assert b["dense"] == 32 * 8 * 512
-    assert b["spark"] == 32 * 8 * (164 + 256) + 4
-    assert b["spark_total"] == b["spark"] + 32 * 8 * 128 * 4 / 1024  # K-only: one statistic per row
+    assert b["spark"] == 32 * 8 * (160 + 256) + 4
+    assert b["spark_total"] == b["spark"] + 32 * 8 * 128 * 2 / 1024  # K only: one bf16 statistic per row
     zero = SparKConfig(key_ratio=0.8, value_ratio=0.5, recovery="zero").layout(128, torch.float16)
-    assert zero.key_bytes_per_head() == (128 - 102) * 2 + 16  # T = 26, no sign or fill
-    assert zero.value_bytes_per_head() == 64 * 2 + 16 + 4
+    assert zero.key_bytes_per_head() == 80  # T = 26: 52 + mask 16 = 68, no sign or fill, padded
+    assert zero.value_bytes_per_head() == 160  # 128 + 16 + 2 = 146, padded
+    fp8 = SparKConfig(key_ratio=0.5).layout(128, torch.float8_e4m3fn)
+    assert fp8.key_bytes_per_head() == 96 and fp8.value_bytes_per_head() == 128  # 64 + 16 + 8 + 2 = 90
     dense_layers = R.bytes_per_token(SparKConfig(dense_layers="0,1"), 64, 2, 4, torch.float32)
     assert dense_layers["dense_layers"] == 2 * 2 * 2 * 64 * 4
 
@@ -279,10 +284,69 @@ def test_bad_config_names_the_field(kwargs, field):
 def test_layout_refuses_unsupported_head_dim_and_dtype():
     with pytest.raises(ValueError, match="head_dim=96"):
         SparKConfig().layout(96, torch.float16)
-    with pytest.raises(ValueError, match="FP8"):
-        SparKConfig().layout(128, torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="KV cache dtype"):
+        SparKConfig().layout(128, torch.int8)
 
 
 def test_dense_layers_parse():
     assert SparKConfig(dense_layers="3,0,3").dense_layers == (0, 3)
     assert SparKConfig(dense_layers=None).dense_layers == ()
+
+
+# --- what the compact cache stores -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_stores_scaled_saturated_kept_entries_selected_unquantised(dtype):
+    """An FP8 cache stores kept entries as ``k / scale`` saturated to the format's range; which
+    channels are kept and the fill come from the unquantised keys."""
+    k, q = _rand(40, 9, 2, 64), _rand(41, 16, 4, 64)
+    k[0, 0, 0] = 20000.0  # beyond e4m3's 448 and e5m2's 57344 after scaling: saturates, never NaN
+    qn = R.window_channel_norm(q, 2)
+    scale = 0.25
+    packed = R.pack_keys(k, qn, 0.5, dtype=dtype, scale=scale)
+    exact = R.pack_keys(k, qn, 0.5)
+    assert packed.kept.dtype == dtype
+    assert torch.equal(packed.mask, exact.mask) and torch.equal(packed.sign, exact.sign)
+    assert torch.equal(packed.fill, exact.fill)
+    limit = torch.finfo(dtype).max
+    assert torch.equal(packed.kept, (exact.kept / scale).clamp(-limit, limit).to(dtype))
+    assert torch.isfinite(packed.kept.float()).all() and packed.kept.float().max() == limit
+    unpacked = R.unpack_keys(packed, qn, scale=scale)
+    assert unpacked.dtype == torch.float32
+    keep = R.words_to_bits(packed.mask)
+    assert torch.equal(unpacked[keep], packed.kept.float().reshape(-1) * scale)
+
+
+def test_nan_key_never_changes_the_kept_count():
+    k, q = _rand(42, 5, 2, 64), _rand(43, 8, 2, 64)
+    k[1, 0, ::5] = float("nan")
+    packed = R.pack_keys(k, R.window_channel_norm(q, 2), 0.8)
+    assert torch.all(R.words_to_bits(packed.mask).sum(-1) == 64 - 51)
+    assert R.words_to_bits(packed.mask)[1, 0, ::5].all()  # NaN ranks as most salient: kept
+
+
+def test_recovered_fp16_keys_are_clamped_not_inf():
+    """Pruned channels 0 (salient enough to lift the fill) and 1 (tiny Qn): channel 1 recovers to
+    sqrt(fill / Qn) = about 7e5, beyond fp16: clamped to its largest finite value."""
+    k = torch.full((1, 1, 32), 2000.0, dtype=torch.float16)
+    k[0, 0, 0], k[0, 0, 1] = 1000.0, 1.0
+    qn = torch.ones(1, 32)
+    qn[0, 1] = 1e-6
+    out = R.simulate_keys_with_norm(k, qn, 2 / 32)
+    assert torch.isfinite(out).all() and out[0, 0, 1] == torch.finfo(torch.float16).max
+
+
+@pytest.mark.parametrize("d,ratio", [(64, 0.5), (64, 0.8), (128, 0.3), (256, 0.95), (32, 0.0)])
+def test_signs_stored_for_pruned_channels_only(d, ratio):
+    """Bit i of the sign words is the i-th pruned channel's sign; words cover ceil(P/32) only."""
+    k, q = _rand(44, 7, 3, d), _rand(45, 8, 3, d)
+    qn = R.window_channel_norm(q, 3)
+    packed = R.pack_keys(k, qn, ratio)
+    pruned = int(ratio * d)
+    assert packed.sign.shape == (7, 3, -(-pruned // 32))
+    keep = R.words_to_bits(packed.mask)
+    bits = R.words_to_bits(packed.sign)
+    assert torch.equal(bits[..., :pruned], (~(k > 0))[~keep].view(7, 3, pruned))
+    assert not bits[..., pruned:].any()  # unused high bits stay 0
+    assert torch.equal(R.pruned_sign_bits(packed.sign, keep, pruned), ~keep & ~(k > 0))

@@ -34,9 +34,9 @@ def start(model_path, **options):
         (dict(attention_backend="triton", spark_key_ratio=0.5), r"add --attention-backend spark"),
         (dict(attention_backend="spark", enable_mixed_chunk=True), r"--enable-mixed-chunk"),
         (dict(attention_backend="spark", decode_attention_backend="triton"), r"cannot be mixed with another backend"),
-        (dict(attention_backend="spark", kv_cache_dtype="fp8_e4m3"), r"FP8/FP4 KV cache"),
+        (dict(attention_backend="spark", kv_cache_dtype="mxfp8"), r"MXFP8 and FP4 KV caches cannot be combined"),
     ],
-    ids=["key-ratio", "value-ratio", "window", "dense-layers", "not-spark", "mixed-chunk", "mixed-backends", "fp8"],
+    ids=["key-ratio", "value-ratio", "window", "dense-layers", "not-spark", "mixed-chunk", "mixed-backends", "mxfp8"],
 )
 def test_engine_refuses_at_start_up(model_path, options, message):
     with pytest.raises(ValueError, match=message):

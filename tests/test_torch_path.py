@@ -14,21 +14,23 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from tests.test_kernels_compress import CASES as COMPRESS_CASES  # noqa: E402
-from tests.test_kernels_compress import _bits, _inputs, _poisoned  # noqa: E402
-from tests.test_kernels_compress import _case_id as compress_case_id  # noqa: E402
+from tests.test_kernels_compress import POISON_BYTE, _inputs, assert_packed_equal, poisoned_records  # noqa: E402
+from tests.test_kernels_compress import _bits, _case_id as compress_case_id  # noqa: E402
 from tests.test_kernels_decode import (  # noqa: E402
     CASES as DECODE_CASES,
     _case_id,
     assert_close_to_reference,
     build_cache,
+    cache_scale,
     paged_batch,
     poisoned_outputs,
+    query_dtype,
     reference_decode,
 )
 from tests.test_kernels_extend import CASES as EXTEND_CASES  # noqa: E402
 from tests.test_kernels_extend import _indptr, reference_extend  # noqa: E402
 
-from spark_sglang.kernels import compress, decode, extend, reference, torch_path  # noqa: E402
+from spark_sglang.kernels import compress, decode, extend, layout, reference, torch_path  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -56,15 +58,17 @@ def test_decode_matches_reference(request, case):
     num_heads = num_kv_heads * group
     lens = [1, 15, 17, 0, 93]
     indptr, indices, num_slots = paged_batch(gen, lens, page_size)
-    cache = build_cache(gen, num_slots, indices, num_kv_heads, head_dim, dtype, key_ratio, recovery, value_ratio)
-    q = torch.randn(len(lens), num_heads, head_dim, generator=gen).to(dtype)
+    scale = cache_scale(dtype)
+    cache = build_cache(gen, num_slots, indices, num_kv_heads, head_dim, dtype, key_ratio, recovery, value_ratio,
+                        scale=scale)  # fmt: skip
+    q = torch.randn(len(lens), num_heads, head_dim, generator=gen).to(query_dtype(dtype))
     sm_scale = 1.3 / math.sqrt(head_dim)
 
     wrapper = torch_path.TorchDecodeWrapper(num_heads, num_kv_heads, head_dim)
     wrapper.plan(indptr, indices)
-    out, lse = poisoned_outputs(len(lens), num_heads, head_dim, dtype)
+    out, lse = poisoned_outputs(len(lens), num_heads, head_dim, query_dtype(dtype))
     args = (cache.keys, cache.values, cache.window_stats, cache.slot_rows)
-    wrapper.run(q, *args, sm_scale=sm_scale, logit_cap=logit_cap, out=out, lse=lse)
+    wrapper.run(q, *args, sm_scale=sm_scale, logit_cap=logit_cap, out=out, lse=lse, k_scale=scale, v_scale=scale)
 
     empty = 3
     assert (out[empty] == 0).all() and (lse[empty] == float("-inf")).all()
@@ -81,20 +85,22 @@ def test_extend_matches_reference(request, case):
     num_heads = num_kv_heads * group
     prefix_lens, q_lens = [0, 15, 17, 50], [17, 1, 15, 5]
     prefix_indptr, prefix_indices, num_slots = paged_batch(gen, prefix_lens, page_size)
+    scale = cache_scale(dtype)
     cache = build_cache(gen, num_slots, prefix_indices, num_kv_heads, head_dim, dtype, key_ratio, recovery,
-                        value_ratio)  # fmt: skip
+                        value_ratio, scale=scale)  # fmt: skip
     qo_indptr = _indptr(q_lens)
     num_q = sum(q_lens)
-    q = torch.randn(num_q, num_heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(num_q, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(num_q, num_kv_heads, head_dim, generator=gen).to(dtype)
+    model_dtype = query_dtype(dtype)
+    q = torch.randn(num_q, num_heads, head_dim, generator=gen).to(model_dtype)
+    k = torch.randn(num_q, num_kv_heads, head_dim, generator=gen).to(model_dtype)
+    v = torch.randn(num_q, num_kv_heads, head_dim, generator=gen).to(model_dtype)
     sm_scale = 0.9 / math.sqrt(head_dim)
 
-    out, lse = poisoned_outputs(num_q, num_heads, head_dim, dtype)
+    out, lse = poisoned_outputs(num_q, num_heads, head_dim, model_dtype)
     torch_path.extend_attention(
         q, k, v, qo_indptr, prefix_indptr, prefix_indices,
         cache.keys, cache.values, cache.window_stats, cache.slot_rows,
-        sm_scale=sm_scale, logit_cap=logit_cap, out=out, lse=lse,
+        sm_scale=sm_scale, logit_cap=logit_cap, out=out, lse=lse, k_scale=scale, v_scale=scale,
     )  # fmt: skip
     slots = prefix_indices.long()
     expect = reference_extend(q, k, v, qo_indptr, cache.dense_keys[slots], cache.dense_values[slots],
@@ -102,58 +108,42 @@ def test_extend_matches_reference(request, case):
     assert_close_to_reference(out, lse, *expect, dtype)
 
 
-BF16_COMPRESS = [(torch.bfloat16, 64, 0.5, "mean", 0.5, torch.int64, False),
-                 (torch.bfloat16, 128, 0.8, "mean", 0.0, torch.int32, True)]  # fmt: skip
-
-
-@pytest.mark.parametrize("case", COMPRESS_CASES + BF16_COMPRESS, ids=compress_case_id)
+@pytest.mark.parametrize("case", COMPRESS_CASES, ids=compress_case_id)
 def test_compress_matches_reference_bit_for_bit(request, case):
-    """Kept entries, bitmaps, signs and fills equal the reference's bits; other slots untouched."""
+    """Every stored bit (fills included) equals the reference's; other slots and the records'
+    padding keep their poison."""
     dtype, head_dim, key_ratio, recovery, value_ratio, slot_dtype, ties = case
     gen = generator(request)
     num_tokens, num_heads, num_slots, num_rows = 21, 2, 64, 3
-    k, v, stats = _inputs(gen, num_tokens, num_heads, head_dim, dtype, num_rows, ties)
+    k, v, stats = _inputs(gen, num_tokens, num_heads, head_dim, query_dtype(dtype), num_rows, ties)
+    stats = stats.to(layout.STATS_DTYPE)
+    scale = cache_scale(dtype)
     slots = torch.randperm(num_slots, generator=gen)[:num_tokens].to(slot_dtype)
     rows = torch.randint(0, num_rows, (num_tokens,), generator=gen, dtype=torch.int32)
-    layout = reference.SparKConfig(key_ratio=key_ratio, value_ratio=value_ratio, recovery=recovery).layout(
-        head_dim, dtype
-    )
-    keys, values = _poisoned_cache(num_slots, num_heads, layout)
-    torch_path.compress_and_store(k, v, slots, rows, stats if value_ratio else stats[:, :1], keys, values)
+    config = reference.SparKConfig(key_ratio=key_ratio, value_ratio=value_ratio, recovery=recovery)
+    lay = config.layout(head_dim, dtype)
+    storage, keys, values = poisoned_records(lay, num_slots, num_heads)
+    before = [t.clone() for t in storage]
+    torch_path.compress_and_store(k, v, slots, rows, stats if value_ratio else stats[:, :1], keys, values,
+                                  k_scale=scale, v_scale=scale)  # fmt: skip
 
     at = slots.long()
-    expect_k = reference.pack_keys(k, stats[rows.long(), 0], key_ratio, recovery)
-    expect_v = reference.pack_values(v, stats[rows.long(), 1], value_ratio) if value_ratio else None
-    written = [(keys.kept, expect_k.kept), (keys.mask, expect_k.mask)]
-    if recovery == "mean":
-        written += [(keys.sign, expect_k.sign), (keys.fill, expect_k.fill)]
-    written += list(zip(values, expect_v)) if value_ratio else [(values, v)]
+    expect_k = reference.pack_keys(k, stats[rows.long(), 0], key_ratio, recovery, dtype=dtype, scale=scale)
+    for got, want in zip(keys, expect_k):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert torch.equal(_bits(got[at]), _bits(want))
+    if value_ratio:
+        expect_v = reference.pack_values(v, stats[rows.long(), 1], value_ratio, dtype=dtype, scale=scale)
+        assert all(torch.equal(_bits(got[at]), _bits(want)) for got, want in zip(values, expect_v))
+    else:
+        assert torch.equal(_bits(values[at]), _bits(reference.to_storage(v, dtype, scale)))
     untouched = torch.ones(num_slots, dtype=torch.bool)
     untouched[at] = False
-    for stored, expected in written:
-        assert torch.equal(_bits(stored[at]) if stored.is_floating_point() else stored[at],
-                           _bits(expected) if expected.is_floating_point() else expected)  # fmt: skip
-        poison = stored[untouched]
-        assert (poison.isnan() if poison.is_floating_point() else poison == poison.flatten()[0]).all()
-
-
-def _poisoned_cache(num_slots, num_heads, layout):
-    shape, words = (num_slots, num_heads), layout.words
-    keys = reference.PackedKeys(
-        _poisoned(shape + (layout.key_kept,), layout.dtype),
-        _poisoned(shape + (words,), torch.int32),
-        _poisoned(shape + (words,), torch.int32) if layout.stores_sign else None,
-        _poisoned(shape, torch.float32) if layout.stores_sign else None,
-    )
-    if layout.values_compressed:
-        values = reference.PackedValues(
-            _poisoned(shape + (layout.value_kept,), layout.dtype),
-            _poisoned(shape + (words,), torch.int32),
-            _poisoned(shape, torch.float32),
-        )
-    else:
-        values = _poisoned(shape + (layout.head_dim,), layout.dtype)
-    return keys, values
+    for old, new in zip(before, storage):
+        assert torch.equal(old[untouched], new[untouched])
+    padding_start = lay.key_fill_offset + (2 if lay.stores_sign else 0)
+    assert (storage[0][at][..., padding_start:] == POISON_BYTE).all()
 
 
 @pytest.mark.parametrize("value_ratio", [0.0, 0.5])
@@ -163,23 +153,24 @@ def test_agrees_with_triton_kernels(request, value_ratio):
     gen = generator(request)
     num_kv_heads, group, head_dim, dtype = 3, 3, 64, torch.float32
     num_heads, num_slots, num_rows = num_kv_heads * group, 160, 4
-    layout = reference.SparKConfig(key_ratio=0.5, value_ratio=value_ratio).layout(head_dim, dtype)
+    lay = reference.SparKConfig(key_ratio=0.5, value_ratio=value_ratio).layout(head_dim, dtype)
     k, v, stats = _inputs(gen, 120, num_kv_heads, head_dim, dtype, num_rows, ties=False)
-    stats = stats if value_ratio else stats[:, :1]
+    stats = (stats if value_ratio else stats[:, :1]).to(layout.STATS_DTYPE)
     slots = torch.randperm(num_slots, generator=gen)[:120]
     rows = torch.randint(0, num_rows, (120,), generator=gen, dtype=torch.int32)
     slot_rows = torch.zeros(num_slots, dtype=torch.int32)
     slot_rows[slots] = rows
     caches = []
     for implementation in (compress.compress_and_store, torch_path.compress_and_store):
-        keys, values = _poisoned_cache(num_slots, num_kv_heads, layout)
+        _, keys, values = poisoned_records(lay, num_slots, num_kv_heads)
         implementation(k, v, slots, rows, stats, keys, values)
         caches.append((keys, values))
-    for a, b in zip(torch.utils._pytree.tree_leaves(caches[0]), torch.utils._pytree.tree_leaves(caches[1])):
-        if a.dtype == torch.int32:
-            assert torch.equal(a[slots], b[slots])
-        else:  # the Triton kernel sums the fill in another order
-            torch.testing.assert_close(a[slots], b[slots], rtol=1e-6, atol=1e-7)
+    for triton_packed, torch_packed in zip(*caches):
+        if isinstance(torch_packed, torch.Tensor):
+            assert torch.equal(triton_packed[slots], torch_packed[slots])
+        else:  # the Triton kernel sums the fill in another order: one bfloat16 step at most
+            assert_packed_equal(type(torch_packed)(*(t[slots] for t in triton_packed)),
+                                type(torch_packed)(*(t[slots] for t in torch_packed)))  # fmt: skip
     keys, values = caches[1]
     cache = (keys, values, stats, slot_rows)
 
