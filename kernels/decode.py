@@ -128,8 +128,10 @@ def rebuild_keys(
             mask=pruned,
             other=0.0,
         ).to(tl.float32)
-        # rsqrt(0) = inf must never be computed: it would reach the multiply (inf * 0 = nan).
-        magnitude = fill[:, None] * tl.where(qn > 0, tl.math.rsqrt(tl.where(qn > 0, qn, 1.0)), 0.0)
+        # Norms below the smallest normal float (0 included) recover to 0, as in the reference:
+        # rsqrt of 0 or of a flushed denormal is inf, and inf * 0 = nan.
+        normal = qn >= 1.1754943508222875e-38
+        magnitude = fill[:, None] * tl.where(normal, tl.math.rsqrt(tl.where(normal, qn, 1.0)), 0.0)
         recovered = finite(tl.where(negative, -magnitude, magnitude), out_dtype)
         k = tl.where(bits != 0, k, recovered)
     return k.to(out_dtype)

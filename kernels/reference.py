@@ -8,7 +8,8 @@ Semantics follow the released SparK code (DESIGN.md §1), with these stated choi
 * Ties in saliency break towards pruning the lower channel index (a stable ascending sort), so
   exactly ``P = int(ratio * D)`` channels are pruned and every implementation agrees bit for bit.
   A NaN saliency ranks as ``+inf`` (kept): a NaN key never changes how many channels are kept.
-* A channel whose window norm ``Qn[c]`` is 0 recovers to 0 (the released ``sqrt(w / 0)`` is inf).
+* A channel whose window norm ``Qn[c]`` is 0 (or below the smallest normal float32) recovers to
+  0 (the released ``sqrt(w / 0)`` is inf).
 * What the compact cache stores (kernels/layout.py) is part of the semantics: the fill is rounded
   to bfloat16; an FP8 cache stores kept entries as ``x / scale`` saturated to the format's range
   (SGLang's ``k_scale`` / ``v_scale`` convention, selection and fills from the unquantised
@@ -37,9 +38,15 @@ def window_channel_norm(window_queries: torch.Tensor, num_kv_heads: int) -> torc
     return torch.linalg.vector_norm(grouped, dim=0)
 
 
+#: Window norms below the smallest normal float32 count as 0: a GPU's fast ``rsqrt`` flushes
+#: denormals to 0 and would return inf.
+MIN_NORM = torch.finfo(torch.float32).tiny
+
+
 def rsqrt_or_zero(key_norm: torch.Tensor) -> torch.Tensor:
-    """``Qn^-1/2``, with 0 where ``Qn == 0`` (such a channel recovers to 0)."""
-    return torch.where(key_norm > 0, torch.rsqrt(key_norm), torch.zeros_like(key_norm))
+    """``Qn^-1/2``, with 0 where ``Qn < MIN_NORM`` (such a channel recovers to 0)."""
+    key_norm = key_norm.float()
+    return torch.where(key_norm >= MIN_NORM, torch.rsqrt(key_norm.clamp_min(MIN_NORM)), torch.zeros_like(key_norm))
 
 
 def value_channel_bias(values: torch.Tensor) -> torch.Tensor:
