@@ -9,8 +9,10 @@
 
 Window policy: each request's extend computes a fresh row of window statistics from its last
 ``min(window, extend_len)`` queries (post-RoPE) and its new values; its new tokens are compressed
-under that row and so are its later decode tokens. A radix hit reads the prefix as compressed
-under the earlier request's window. Chunked prefill: each chunk uses its own window.
+under that row and so are its later decode tokens. An extend shorter than the window that
+continues a cached prefix keeps the prefix's row instead. A radix hit reads the prefix as
+compressed under the earlier request's window. Chunked prefill: each chunk uses its own window
+(a last chunk shorter than the window keeps the previous chunk's).
 """
 
 from __future__ import annotations
@@ -71,6 +73,20 @@ def running_requests(req_to_token_pool) -> torch.Tensor:
     return running
 
 
+def gather_slots(req_to_token, req_pool_indices, lens, lens_cpu) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR ``(indptr [B + 1] int32, indices [sum(lens)] int64)``: each request's first ``lens[b]``
+    slots from ``req_to_token``, back to back. No host sync (the total comes from ``lens_cpu``)."""
+    device = req_to_token.device
+    lens = lens.to(device, torch.int64)
+    total = int(sum(lens_cpu))
+    indptr = torch.zeros(len(lens_cpu) + 1, dtype=torch.int32, device=device)
+    indptr[1:] = torch.cumsum(lens, 0)
+    request = torch.repeat_interleave(torch.arange(len(lens_cpu), device=device), lens, output_size=total)
+    position = torch.arange(total, device=device) - indptr[:-1].long()[request]
+    indices = req_to_token[req_pool_indices.long()[request], position].to(torch.int64)
+    return indptr, indices
+
+
 def kv_scales(layer) -> tuple[float, float]:
     """An FP8 cache's per-layer dequantisation scales (SGLang's ``k_scale_float``; 1 if unset)."""
     return getattr(layer, "k_scale_float", None) or 1.0, getattr(layer, "v_scale_float", None) or 1.0
@@ -116,6 +132,7 @@ class SparKBackendMixin:
         self.req_rows = torch.zeros(model_runner.req_to_token_pool.size + 1, dtype=torch.int32, device=self.spark_device)
         self.decode_wrapper = self._new_decode_wrapper()
         self.active_decode_wrapper = self.decode_wrapper
+        self.last_query_wrapper = self._new_decode_wrapper()  # extends' last queries, see forward_extend
         self.extend_state: ExtendState | None = None
         self.write_rows: torch.Tensor | None = None  # [tokens] window row of each token written this batch
 
@@ -144,26 +161,51 @@ class SparKBackendMixin:
     def _init_extend(self, forward_batch) -> None:
         if forward_batch.forward_mode != ForwardMode.EXTEND:
             raise RuntimeError(f"the spark attention backend does not support {forward_batch.forward_mode}")
-        lens_cpu = list(forward_batch.extend_seq_lens_cpu)
-        batch = len(lens_cpu)
-        rows, fresh = self.pool.window_rows.allocate(batch, self._live_rows)
+        lens_cpu = [int(n) for n in forward_batch.extend_seq_lens_cpu]
         device = self.spark_device
-        rows_t = torch.tensor(rows, dtype=torch.int32, device=device)
-        fresh_t = torch.tensor(fresh, dtype=torch.bool, device=device)
+        rows_t, fresh_t, all_fresh = self._extend_rows(lens_cpu, [int(n) for n in forward_batch.extend_prefix_lens_cpu])
         lens = forward_batch.extend_seq_lens.to(torch.int64)
-        segment = torch.repeat_interleave(torch.arange(batch, device=device), lens, output_size=sum(lens_cpu))
+        segment = torch.repeat_interleave(torch.arange(len(lens_cpu), device=device), lens, output_size=sum(lens_cpu))
         self.req_rows[forward_batch.req_pool_indices] = rows_t
         self.write_rows = rows_t[segment]
         self.pool.slot_rows[forward_batch.out_cache_loc] = self.write_rows
+        # The whole sequence of each request (prefix and new tokens), for its last query.
+        indptr, indices = gather_slots(self.spark_req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                                       forward_batch.seq_lens, forward_batch.seq_lens_cpu)  # fmt: skip
+        self.last_query_wrapper.plan(indptr, indices, seq_lens_cpu=forward_batch.seq_lens_cpu)
         qo_indptr = self.csr.qo_indptr
         self.extend_state = ExtendState(
             rows=rows_t.long(),
-            fresh=None if all(fresh) else fresh_t,
+            fresh=None if all_fresh else fresh_t,
             starts=qo_indptr[:-1].to(torch.int64),
             lens=lens,
             segment=segment,
             qo_indptr=qo_indptr.to(torch.int32),
         )
+
+    def _extend_rows(self, lens: list[int], prefix_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Each request's window row ``[B]`` int32, whether this batch writes its statistics
+        ``[B]`` bool, and whether it writes all of them.
+
+        An extend shorter than the window that continues a cached prefix (a near-full radix hit,
+        a short turn, a short last chunk) keeps the prefix's row: a window of a few queries would
+        compress its tokens and all its decode tokens. Every other extend gets a fresh row.
+        """
+        device = self.spark_device
+        inherit = [n < self.config.window and p > 0 for n, p in zip(lens, prefix_lens)]
+        own = [b for b, inherits in enumerate(inherit) if not inherits]
+        new_rows, fresh = self.pool.window_rows.allocate(len(own), self._live_rows)
+        rows = torch.empty(len(lens), dtype=torch.int32, device=device)
+        writes = torch.zeros(len(lens), dtype=torch.bool, device=device)
+        if own:
+            own_t = torch.tensor(own, dtype=torch.long, device=device)
+            rows[own_t] = torch.tensor(new_rows, dtype=torch.int32, device=device)
+            writes[own_t] = torch.tensor(fresh, dtype=torch.bool, device=device)
+        if len(own) < len(lens):
+            heirs = torch.tensor([b for b, inherits in enumerate(inherit) if inherits], dtype=torch.long, device=device)
+            last_prefix_slot = self.csr.kv_indices[self.csr.kv_indptr[heirs + 1].long() - 1]
+            rows[heirs] = self.pool.slot_rows[last_prefix_slot]
+        return rows, writes, len(own) == len(lens) and all(fresh)
 
     def _live_rows(self) -> torch.Tensor:
         return live_rows(
@@ -184,7 +226,17 @@ class SparKBackendMixin:
         if save_kv_cache:
             self._write_window_stats(cache, q3, v3)
             self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k3, v3, self.write_rows, *kv_scales(layer))
-        return self._extend_attention(q3, k3, v3, layer, cache.keys, cache.values, cache.window_stats)
+        o = self._extend_attention(q3, k3, v3, layer, cache.keys, cache.values, cache.window_stats)
+        # Each request's last query (the one whose logits pick its next token) reads the cache as
+        # stored, its own extend included, as a decode step would: then a request that recomputes
+        # only the tail of a cached prompt (a resent prompt, parallel samples) computes exactly
+        # what the cold run computed. Every other query reads its own extend dense.
+        if save_kv_cache:
+            last = self.extend_state.qo_indptr[1:].long() - 1
+            o_last = self._decode_attention(q3[last], layer, cache.keys, cache.values, cache.window_stats,
+                                            self.last_query_wrapper)  # fmt: skip
+            o.view(q3.shape[0], -1)[last] = o_last
+        return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         cache = self.pool.layer_cache(layer.layer_id)
@@ -217,10 +269,10 @@ class SparKBackendMixin:
         )  # fmt: skip
         return o
 
-    def _decode_attention(self, q, layer, keys, values, window_stats):
+    def _decode_attention(self, q, layer, keys, values, window_stats, wrapper=None):
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = q.new_empty(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
-        self.active_decode_wrapper.run(
+        (wrapper or self.active_decode_wrapper).run(
             q3, keys, values, window_stats, self.pool.slot_rows,
             sm_scale=layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
@@ -309,21 +361,15 @@ class SparKTorchAttnBackend(SparKBackendMixin, AttentionBackend):
         self._init_spark_metadata(forward_batch)
 
     def _gather_csr(self, forward_batch, lens, lens_cpu, extend: bool = False) -> Csr:
-        """Each request's first ``lens[b]`` slots from ``req_to_token``, back to back."""
-        device = self.spark_device
-        lens = lens.to(device, torch.int64)
-        lens_cpu = [int(n) for n in lens_cpu] if lens_cpu is not None else lens.tolist()
-        kv_indptr = torch.zeros(len(lens_cpu) + 1, dtype=torch.int32, device=device)
-        kv_indptr[1:] = torch.cumsum(lens, 0)
-        longest = max(lens_cpu, default=0)
-        table = self.spark_req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :longest]
-        present = torch.arange(longest, device=device)[None, :] < lens[:, None]
-        kv_indices = table[present].to(torch.int64)
+        """Each request's first ``lens[b]`` slots; for an extend also its new tokens' offsets."""
+        if lens_cpu is None:
+            lens_cpu = lens.tolist()
+        kv_indptr, kv_indices = gather_slots(self.spark_req_to_token_pool.req_to_token,
+                                             forward_batch.req_pool_indices, lens, lens_cpu)  # fmt: skip
         if not extend:
             return Csr(kv_indptr, kv_indices, None, None)
-        qo_lens = forward_batch.extend_seq_lens.to(device, torch.int64)
-        qo_indptr = torch.zeros(len(lens_cpu) + 1, dtype=torch.int32, device=device)
-        qo_indptr[1:] = torch.cumsum(qo_lens, 0)
+        qo_indptr = torch.zeros(len(lens_cpu) + 1, dtype=torch.int32, device=self.spark_device)
+        qo_indptr[1:] = torch.cumsum(forward_batch.extend_seq_lens.to(self.spark_device, torch.int64), 0)
         return Csr(kv_indptr, kv_indices, qo_indptr, max(forward_batch.extend_seq_lens_cpu, default=0))
 
     def _dense_forward(self, extend, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):

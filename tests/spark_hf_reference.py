@@ -5,10 +5,12 @@ prefill, or the part of a prompt after a radix-cache hit) followed by decode tok
 engine serves it:
 
 * an extend's keys (values) are compressed under statistics of that extend: the window norm of its
-  last ``min(window, end - start)`` queries (and its value bias); decode tokens under the last
+  last ``min(window, end - start)`` queries (and its value bias), or, for an extend shorter than
+  the window that continues a prefix, the prefix's statistics; decode tokens under the last
   extend's statistics;
 * a query inside an extend sees the keys of its own extend dense (causally) and every earlier key
-  compressed; a decode query sees every key compressed, its own included.
+  compressed, except the extend's last query, which (like a decode query) sees every key
+  compressed, its own included.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class SparKReferenceModel:
         if self.window_override is not None:  # statistics of an earlier request (radix hit)
             layer_norms, layer_biases = self.window_override[module.layer_idx]
             norms[0], biases[0] = layer_norms, layer_biases
+        for i, (start, end) in enumerate(self.extends[1:], start=1):
+            if end - start < self.config.window:  # a short extend keeps its prefix's statistics
+                norms[i], biases[i] = norms[i - 1], biases[i - 1]
         self.last_statistics[module.layer_idx] = (norms[-1], biases[-1])
         norm_per_key = torch.stack(norms)[segment]
         k_sparse = R.simulate_keys_with_norm(k, norm_per_key, self.config.key_ratio, self.config.recovery)
@@ -57,8 +62,10 @@ class SparKReferenceModel:
             bias = torch.stack(biases)[segment]
             v_sparse = R.unpack_values(R.pack_values(v, bias, self.config.value_ratio))
 
-        in_last_extend = torch.arange(n) < self.extends[-1][1]
+        last_end = self.extends[-1][1]
+        in_last_extend = torch.arange(n) < last_end
         same_extend = (segment[:, None] == segment[None, :]) & in_last_extend[:, None] & in_last_extend[None, :]
+        same_extend[last_end - 1] = False  # the extend's last query reads every key compressed
         group = q.shape[1] // hkv
         qf = q.float()
         dense_logits = torch.einsum("ihd,jhd->hij", qf, k.float().repeat_interleave(group, 1))
