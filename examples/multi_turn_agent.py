@@ -7,10 +7,11 @@ applies to all of it.
 
 Tools are plain Python functions over fixed in-memory data (no file system, no network). The model
 is asked to reply ``CALL tool(argument)`` or ``ANSWER text``; a reply that parses as neither counts
-as a turn without a tool call (the embedded tiny random-weight model writes gibberish, so that is
-the usual case there) and the loop goes on for a fixed number of turns.
+as a turn without a tool call (a 135M-parameter model often answers in prose instead; with
+``--constrained`` the server decodes under the protocol's regex) and the loop goes on for a fixed
+number of turns.
 
-    python examples/multi_turn_agent.py                    # embedded SparK server (tiny model)
+    python examples/multi_turn_agent.py                    # embedded SparK server (SmolLM2)
     python examples/multi_turn_agent.py --url http://127.0.0.1:30000 --turns 6
 """
 
@@ -92,9 +93,9 @@ TASKS = [
 ]
 
 #: With ``--constrained`` the server decodes under this regex (SGLang's ``regex`` extension of the
-#: OpenAI API), so even a random-weight model follows the protocol and the tools really run.
+#: OpenAI API), so even a small model follows the protocol and the tools really run.
 PROTOCOL_REGEX = r"(CALL (calculator|list_files|read_file)\([0-9a-z_.*+/-]{0,6}\)|ANSWER [0-9a-z ]{1,8})"
-#: Fewest reply tokens that always fit a PROTOCOL_REGEX match (the tiny tokenizer: ~2 chars/token).
+#: Reply tokens that always fit a PROTOCOL_REGEX match (one character per token at worst).
 CONSTRAINED_MIN_TOKENS = 24
 
 _CALL = re.compile(r"CALL\s+([A-Za-z_]\w*)\s*\((.*)\)", re.S)
@@ -206,7 +207,7 @@ def main(argv=None) -> dict:
     with contextlib.ExitStack() as stack:
         url = args.url and check_loopback(args.url)
         if url is None:
-            print("starting an embedded SparK server (tiny model) ...", flush=True)
+            print("starting an embedded SparK server (SmolLM2) ...", flush=True)
             url = stack.enter_context(embedded_server())
         url = url.rstrip("/")
         client = OpenAI(base_url=url + "/v1", api_key="EMPTY", timeout=300)

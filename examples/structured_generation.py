@@ -5,7 +5,7 @@ which SGLang's radix cache keeps once in the SparK KV pool), picks among fixed c
 ``sgl.select``, and constrains generation with a regular expression (``regex=``) and a JSON schema
 (``json_schema=``). The results are checked against their constraints.
 
-    python examples/structured_generation.py                    # embedded SparK server (tiny model)
+    python examples/structured_generation.py                    # embedded SparK server (SmolLM2)
     python examples/structured_generation.py --url http://127.0.0.1:30000
 """
 
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     with contextlib.ExitStack() as stack:
         url = args.url and check_loopback(args.url)
         if url is None:
-            print("starting an embedded SparK server (tiny model) ...", flush=True)
+            print("starting an embedded SparK server (SmolLM2) ...", flush=True)
             url = stack.enter_context(embedded_server(extra_args=COMPACT_JSON_ARGS))
         elif not server_info(url).get("constrained_json_disable_any_whitespace", True):
             print(f"note: the server runs without {COMPACT_JSON_ARGS[0]}; a weak model may fill the JSON "

@@ -61,7 +61,12 @@ def _align(offset: int, to: int) -> int:
     return -(-offset // to) * to
 
 
-def _ratio_error(field: str, value: float) -> ValueError:
+def _ratio_error(field: str, value) -> ValueError:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ValueError(
+            f"SparK option {field}={value!r} is a {type(value).__name__}, not a number: it is the fraction "
+            f"of channels pruned per token, a float with 0 <= {field} < 1 (e.g. 0.5 or 0.8)"
+        )
     return ValueError(
         f"SparK option {field}={value!r} is out of range: it is the fraction of channels pruned per "
         f"token and must satisfy 0 <= {field} < 1 (e.g. 0.5 or 0.8)"
@@ -94,6 +99,11 @@ class SparKConfig:
     window:       number of last prompt queries that score the key channels.
     recovery:     ``"mean"`` (SparK's released default) or ``"zero"`` (ThinK-style zero fill).
     dense_layers: layer indices whose KV stays dense.
+    reproducible: each extend's last query (the one whose logits pick the next token) reads the
+                  cache as stored, its own prompt compressed, as a decode step does; then a
+                  request that recomputes only the tail of a cached prompt (a resent prompt,
+                  parallel samples) reproduces the cold run. Off: that query reads its own
+                  extend dense, as every other prompt query does (better first tokens).
     """
 
     key_ratio: float = 0.5
@@ -101,6 +111,7 @@ class SparKConfig:
     window: int = 32
     recovery: str = "mean"
     dense_layers: tuple[int, ...] = ()
+    reproducible: bool = False
 
     def __post_init__(self):
         for field in ("key_ratio", "value_ratio"):
@@ -109,13 +120,16 @@ class SparKConfig:
                 raise _ratio_error(field, value)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(
-                f"SparK option window={self.window!r} must be a positive integer "
-                "(the number of last prompt queries that score channels; the paper uses 32)"
+                f"SparK option window={self.window!r} must be a positive integer, not a "
+                f"{type(self.window).__name__} (the number of last prompt queries that score channels; "
+                "the paper uses 32)"
             )
         if self.recovery not in RECOVERY_MODES:
             raise ValueError(
                 f"SparK option recovery={self.recovery!r} is unknown: use one of {RECOVERY_MODES}"
             )
+        if not isinstance(self.reproducible, bool):
+            raise ValueError(f"SparK option reproducible={self.reproducible!r} must be True or False")
         object.__setattr__(self, "dense_layers", parse_dense_layers(self.dense_layers))
 
     def replace(self, **changes) -> "SparKConfig":

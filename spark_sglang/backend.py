@@ -28,7 +28,7 @@ from sglang.srt.runtime_context import get_parallel
 from spark_sglang.kernel_ops import kernel_choice
 from spark_sglang.pool import SparKTokenToKVPool
 from spark_sglang.window_rows import live_rows
-from spark_sglang.window_stats import batched_value_bias, batched_window_norm
+from spark_sglang.window_stats import WindowQueries, batched_value_bias, batched_window_norm, window_queries
 
 
 class Csr(NamedTuple):
@@ -49,6 +49,7 @@ class ExtendState(NamedTuple):
     lens: torch.Tensor  # [B] int64 new tokens of each request
     segment: torch.Tensor  # [N] int64 request of each new token
     qo_indptr: torch.Tensor  # [B + 1] int32
+    window: WindowQueries  # each request's window query rows
 
 
 def allocated_slots(allocator) -> torch.Tensor:
@@ -169,18 +170,20 @@ class SparKBackendMixin:
         self.req_rows[forward_batch.req_pool_indices] = rows_t
         self.write_rows = rows_t[segment]
         self.pool.slot_rows[forward_batch.out_cache_loc] = self.write_rows
-        # The whole sequence of each request (prefix and new tokens), for its last query.
-        indptr, indices = gather_slots(self.spark_req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                                       forward_batch.seq_lens, forward_batch.seq_lens_cpu)  # fmt: skip
-        self.last_query_wrapper.plan(indptr, indices, seq_lens_cpu=forward_batch.seq_lens_cpu)
+        if self.config.reproducible:  # the whole sequence of each request, for its last query
+            indptr, indices = gather_slots(self.spark_req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                                           forward_batch.seq_lens, forward_batch.seq_lens_cpu)  # fmt: skip
+            self.last_query_wrapper.plan(indptr, indices, seq_lens_cpu=forward_batch.seq_lens_cpu)
         qo_indptr = self.csr.qo_indptr
+        starts = qo_indptr[:-1].to(torch.int64)
         self.extend_state = ExtendState(
             rows=rows_t.long(),
             fresh=None if all_fresh else fresh_t,
-            starts=qo_indptr[:-1].to(torch.int64),
+            starts=starts,
             lens=lens,
             segment=segment,
             qo_indptr=qo_indptr.to(torch.int32),
+            window=window_queries(starts, lens, lens_cpu, self.config.window),
         )
 
     def _extend_rows(self, lens: list[int], prefix_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -227,11 +230,11 @@ class SparKBackendMixin:
             self._write_window_stats(cache, q3, v3)
             self.pool.store(layer.layer_id, forward_batch.out_cache_loc, k3, v3, self.write_rows, *kv_scales(layer))
         o = self._extend_attention(q3, k3, v3, layer, cache.keys, cache.values, cache.window_stats)
-        # Each request's last query (the one whose logits pick its next token) reads the cache as
-        # stored, its own extend included, as a decode step would: then a request that recomputes
-        # only the tail of a cached prompt (a resent prompt, parallel samples) computes exactly
-        # what the cold run computed. Every other query reads its own extend dense.
-        if save_kv_cache:
+        # --spark-reproducible: each request's last query (the one whose logits pick its next
+        # token) reads the cache as stored, its own extend included, as a decode step would; then a
+        # request that recomputes only the tail of a cached prompt (a resent prompt, parallel
+        # samples) computes exactly what the cold run computed.
+        if save_kv_cache and self.config.reproducible:
             last = self.extend_state.qo_indptr[1:].long() - 1
             o_last = self._decode_attention(q3[last], layer, cache.keys, cache.values, cache.window_stats,
                                             self.last_query_wrapper)  # fmt: skip
@@ -283,7 +286,7 @@ class SparKBackendMixin:
     def _write_window_stats(self, cache, q3, v3) -> None:
         """This layer's statistics for every request of the batch that got a fresh row."""
         state = self.extend_state
-        stats = [batched_window_norm(q3, state.starts, state.lens, self.config.window, v3.shape[1])]
+        stats = [batched_window_norm(q3, state.window, v3.shape[1])]
         if cache.window_stats.shape[1] > 1:
             stats.append(batched_value_bias(v3, state.segment, state.rows.numel()))
         stats = torch.stack(stats, dim=1)  # [B, stats, Hkv, D]

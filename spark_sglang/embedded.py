@@ -5,9 +5,8 @@
 exit stops the whole process group (SGLang's scheduler and detokenizer children included) and
 removes the private temp folder it ran in (its log, sockets and temp files).
 
-On a machine without CUDA the server runs on CPU: ``--device cpu --dtype float32`` with the Triton
-kernels in the interpreter (``TRITON_INTERPRET=1``), the only combination that computes correctly
-there (see docs/DESIGN §5).
+On a machine without CUDA the server runs on CPU (``--device cpu --dtype float32``): the spark
+backend then runs its PyTorch path. The default model is the embedded SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ import urllib.request
 from typing import Iterator, Sequence
 
 LOOPBACK = "127.0.0.1"
-#: Flags a CPU-only machine needs: Triton runs in the interpreter, which is only right in fp32.
-#: ``--sleep-on-idle``: without it the idle scheduler busy-polls, taking about half a core.
+#: Flags for a CPU-only machine. ``--sleep-on-idle``: without it the idle scheduler busy-polls,
+#: taking about half a core.
 CPU_ARGS = (
     "--device", "cpu", "--dtype", "float32", "--disable-cuda-graph",
     "--max-total-tokens", "8192", "--mem-fraction-static", "0.05", "--sleep-on-idle",
@@ -98,14 +97,13 @@ def launch_command(model_path: str, *, key_ratio: float | None = 0.5, value_rati
 
 
 def server_env(tmp_dir: str, cpu: bool | None = None) -> dict[str, str]:
-    """The server's environment: private TMPDIR; on CPU the Triton interpreter."""
+    """The server's environment: private TMPDIR; on CPU SGLang's plain CPU platform."""
     env = dict(os.environ)
     env["TMPDIR"] = tmp_dir
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tmp_dir, "inductor"))
     env["PYTHONUNBUFFERED"] = "1"
     if cpu if cpu is not None else not _cuda_available():
-        env["TRITON_INTERPRET"] = "1"
-        env.pop("SGLANG_USE_CPU_ENGINE", None)
+        env.pop("SGLANG_USE_CPU_ENGINE", None)  # that engine needs sgl_kernel
     return env
 
 
@@ -162,14 +160,14 @@ def embedded_server(model_path: str | None = None, *, key_ratio: float | None = 
                     extra_args: Sequence[str] = (), startup_timeout: float = 240) -> Iterator[str]:  # fmt: skip
     """Run a SparK SGLang server on 127.0.0.1; yields its base URL (``http://127.0.0.1:PORT``).
 
-    ``model_path`` defaults to the tiny random-weight Llama (``build_tiny_llama()``). Raises
+    ``model_path`` defaults to the embedded SmolLM2-135M-Instruct (``smollm2_path()``). Raises
     ``RuntimeError`` with the tail of the server log when it dies or is not ready in
     ``startup_timeout`` seconds.
     """
     if model_path is None:
-        from spark_sglang.tiny_model import build_tiny_llama
+        from spark_sglang.smollm2 import smollm2_path
 
-        model_path = build_tiny_llama()
+        model_path = smollm2_path()
     elif os.path.exists(model_path):  # the server runs in its temp folder
         model_path = os.path.abspath(model_path)
     attempts = 1 if port else 3  # a port we chose may be taken before the server binds it
@@ -225,23 +223,6 @@ def _torch_dtype(name: str | None, model_config: dict):
     return getattr(torch, aliases.get(name, name))
 
 
-def _tokens_per_window_row() -> int:
-    """``spark_sglang.pool.TOKENS_PER_WINDOW_ROW``, read from its source: importing the pool would
-    import the Triton kernels, which on CPU must not happen before ``TRITON_INTERPRET`` is set."""
-    import ast
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("spark_sglang.pool")
-        tree = ast.parse(open(spec.origin).read())
-        for node in tree.body:
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TOKENS_PER_WINDOW_ROW" for t in node.targets):
-                return int(ast.literal_eval(node.value))
-    except (AttributeError, OSError, SyntaxError, TypeError, ValueError):
-        pass
-    return 128
-
-
 def kv_bytes_per_token(url: str, model_path: str | None = None) -> dict:
     """KV-cache bytes per token (all layers and KV heads) of a running SparK server, dense vs SparK.
 
@@ -257,6 +238,7 @@ def kv_bytes_per_token(url: str, model_path: str | None = None) -> dict:
     ``value_ratio`` and ``dtype``.
     """
     from spark_sglang.kernels.layout import bytes_per_token
+    from spark_sglang.pool import TOKENS_PER_WINDOW_ROW
     from spark_sglang.server_args import spark_config
 
     info = server_info(url)
@@ -279,7 +261,7 @@ def kv_bytes_per_token(url: str, model_path: str | None = None) -> dict:
         if key.startswith("spark_"):
             setattr(args, key, value)
     spark = spark_config(args)
-    sizes = bytes_per_token(spark, head_dim, kv_heads, layers, dtype, tokens_per_window=_tokens_per_window_row())
+    sizes = bytes_per_token(spark, head_dim, kv_heads, layers, dtype, tokens_per_window=TOKENS_PER_WINDOW_ROW)
     cell = float(-(-sizes["spark_total"] // 1))  # whole bytes, as the pool's cell size
     return {
         "dense": sizes["dense"],

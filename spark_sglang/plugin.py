@@ -1,7 +1,7 @@
 """SGLang plugin entry point (group ``sglang.srt.plugins``): SGLang calls ``register()`` in the
 launcher, the Engine and every scheduler process, before it reads its arguments."""
 
-from spark_sglang.patches import attention, capacity, kv_pool, radix_cache, refusals, server_args
+from spark_sglang.patches import attention, capacity, kv_pool, radix_cache, refusals, server_args, server_info
 
 
 def register() -> None:
@@ -11,3 +11,4 @@ def register() -> None:
     kv_pool.install()
     capacity.install()
     radix_cache.install()
+    server_info.install()

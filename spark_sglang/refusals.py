@@ -6,7 +6,8 @@ so the caller of ``sglang.Engine`` / ``launch_server`` gets an ordinary ``ValueE
 
 from __future__ import annotations
 
-from spark_sglang.server_args import BACKEND_NAME, given_options, spark_config
+from spark_sglang.kernels.layout import SparKConfig
+from spark_sglang.server_args import BACKEND_NAME, given_options, option_errors, spark_config
 
 #: (server option, test on its resolved value, what to do)
 _UNSUPPORTED_OPTIONS = (
@@ -24,6 +25,9 @@ _UNSUPPORTED_OPTIONS = (
     ("enable_page_major_kv_layout", bool, "the page-major KV layout is not supported: drop --enable-page-major-kv-layout"),
     ("dcp_size", lambda v: v not in (None, 1), "decode context parallelism is not supported: use --dcp-size 1"),
     ("enable_dp_attention", bool, "DP attention is not supported: drop --enable-dp-attention"),
+    ("attn_dp_size", lambda v: v not in (None, 1), "DP attention is not supported: use --attn-dp-size 1"),
+    ("dp_size", lambda v: v not in (None, 1), "data parallelism (--dp-size > 1) is not supported: use --dp-size 1 "
+        "and run one server per replica behind a router"),
 )  # fmt: skip
 
 
@@ -62,6 +66,23 @@ def unsupported_reasons(settings, backends, model_config) -> list[str]:
     return reasons
 
 
+def model_reasons(config: SparKConfig, model_config) -> list[str]:
+    """What this model's geometry rules out: head dim / dtype, dense layers it does not have."""
+    reasons = []
+    dtype = getattr(model_config, "dtype", None)
+    if getattr(model_config, "head_dim", None) is not None and dtype is not None:
+        try:
+            config.layout(model_config.head_dim, dtype)
+        except ValueError as error:
+            reasons.append(str(error))
+    num_layers = getattr(model_config, "num_hidden_layers", None)
+    missing = [layer for layer in config.dense_layers if num_layers is not None and layer >= num_layers]
+    if missing:
+        reasons.append(f"--spark-dense-layers names layers {missing} but the model has {num_layers} layers "
+                       f"(0 to {num_layers - 1})")  # fmt: skip
+    return reasons
+
+
 def check(server_args, settings, backends, model_config) -> None:
     """Raise one ValueError listing everything to change, or return when SparK can run."""
     if BACKEND_NAME not in tuple(backends):
@@ -72,13 +93,8 @@ def check(server_args, settings, backends, model_config) -> None:
                 "add --attention-backend spark (attention_backend='spark')"
             )
         return
-    config = spark_config(server_args)  # bad option values
-    reasons = unsupported_reasons(settings, backends, model_config)
-    dtype = getattr(model_config, "dtype", None)
-    if getattr(model_config, "head_dim", None) is not None and dtype is not None:
-        try:
-            config.layout(model_config.head_dim, dtype)
-        except ValueError as error:
-            reasons.append(str(error))
+    reasons = option_errors(server_args) + unsupported_reasons(settings, backends, model_config)
+    if not option_errors(server_args):
+        reasons += model_reasons(spark_config(server_args), model_config)
     if reasons:
         raise ValueError("--attention-backend spark cannot start:\n  - " + "\n  - ".join(reasons))

@@ -25,6 +25,7 @@ OPTION_FIELDS = {
     "spark_window": "window",
     "spark_recovery": "recovery",
     "spark_dense_layers": "dense_layers",
+    "spark_reproducible": "reproducible",
 }
 
 
@@ -44,6 +45,10 @@ class SparkServerArgs(ServerArgs, kw_only=True):
         "the per-token mean saliency with the key's sign; 'zero': zero fill)."))] = None
     spark_dense_layers: A[Optional[str], Arg(help=(
         "SparK: comma-separated layer indices whose KV cache stays dense (default: none)."))] = None
+    spark_reproducible: A[Optional[bool], Arg(help=(
+        "SparK: a request's last prompt query reads its own prompt compressed, as the cache stores it, so a "
+        "resent prompt or a parallel sample that hits the radix cache reproduces the cold run exactly "
+        "(default off: that query reads its own prompt dense, which gives better first tokens)."))] = None
 
 
 def given_options(server_args) -> dict:
@@ -51,11 +56,20 @@ def given_options(server_args) -> dict:
     return {o: getattr(server_args, o, None) for o in OPTION_FIELDS if getattr(server_args, o, None) is not None}
 
 
+def option_errors(server_args) -> list[str]:
+    """One message per bad ``spark_*`` value, each naming its flag and keyword."""
+    errors = []
+    for option, value in given_options(server_args).items():
+        try:
+            SparKConfig(**{OPTION_FIELDS[option]: value})
+        except ValueError as error:
+            errors.append(f"{error} (given as --{option.replace('_', '-')} / {option}=)")
+    return errors
+
+
 def spark_config(server_args) -> SparKConfig:
-    """Validated config from the server arguments; a bad value names its flag and keyword."""
-    given = given_options(server_args)
-    try:
-        return SparKConfig(**{OPTION_FIELDS[o]: v for o, v in given.items()})
-    except ValueError as error:
-        names = ", ".join(f"--{o.replace('_', '-')} / {o}=" for o in given)
-        raise ValueError(f"{error} (given as {names})") from None
+    """Validated config from the server arguments; every bad value is listed, with its flag."""
+    errors = option_errors(server_args)
+    if errors:
+        raise ValueError("\n".join(errors))
+    return SparKConfig(**{OPTION_FIELDS[o]: v for o, v in given_options(server_args).items()})

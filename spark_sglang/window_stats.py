@@ -8,21 +8,42 @@ sequence: ``reference.window_channel_norm`` over its last ``min(window, len)`` q
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
-def batched_window_norm(
-    q: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, window: int, num_kv_heads: int
-) -> torch.Tensor:
-    """q ``[N, Hq, D]``, starts/lens ``[B]`` (device) -> ``[B, Hkv, D]`` float32 ``Qn``."""
+class WindowQueries(NamedTuple):
+    """The window queries of a batch: row ``index[i]`` of q belongs to request ``request[i]``."""
+
+    index: torch.Tensor  # [sum(min(window, lens))] int64 rows of q
+    request: torch.Tensor  # [sum(min(window, lens))] int64
+    num_requests: int
+
+
+def window_queries(starts: torch.Tensor, lens: torch.Tensor, lens_cpu: list[int], window: int) -> WindowQueries:
+    """Each request's last ``min(window, len)`` query rows, back to back, found once per batch.
+
+    Memory is that of the batch's own tokens whatever the window (``lens_cpu`` sizes the index
+    without a device sync)."""
+    sizes_cpu = [min(window, n) for n in lens_cpu]
+    sizes = lens.clamp(max=window)
+    total = sum(sizes_cpu)
+    request = torch.repeat_interleave(torch.arange(len(lens_cpu), device=lens.device), sizes, output_size=total)
+    first = torch.cumsum(sizes, 0) - sizes  # position of each request's first window row
+    offset = torch.arange(total, device=lens.device) - first[request]
+    index = (starts + lens - sizes)[request] + offset
+    return WindowQueries(index.long(), request, len(lens_cpu))
+
+
+def batched_window_norm(q: torch.Tensor, window: WindowQueries, num_kv_heads: int) -> torch.Tensor:
+    """q ``[N, Hq, D]`` -> ``[B, Hkv, D]`` float32 ``Qn``: per request, the L2 norm over its window
+    rows of the GQA group's mean query (``reference.window_channel_norm``)."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
-    offsets = torch.arange(window, device=q.device)
-    # The last `window` rows of each request; rows before the request's start are masked out.
-    index = (starts + lens - window)[:, None] + offsets[None, :]
-    valid = offsets[None, :] >= (window - lens.clamp(max=window))[:, None]
-    rows = q[index.clamp_min(0)].float() * valid[:, :, None, None]  # [B, W, Hq, D]
-    grouped = rows.view(-1, window, num_kv_heads, num_q_heads // num_kv_heads, head_dim).mean(dim=3)
-    return torch.linalg.vector_norm(grouped, dim=1)
+    rows = q.index_select(0, window.index).float()
+    grouped = rows.view(-1, num_kv_heads, num_q_heads // num_kv_heads, head_dim).mean(dim=2)
+    squares = torch.zeros(window.num_requests, num_kv_heads, head_dim, device=q.device)
+    return squares.index_add_(0, window.request, grouped * grouped).sqrt()
 
 
 def batched_value_bias(v: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:

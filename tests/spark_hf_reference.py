@@ -9,8 +9,8 @@ engine serves it:
   the window that continues a prefix, the prefix's statistics; decode tokens under the last
   extend's statistics;
 * a query inside an extend sees the keys of its own extend dense (causally) and every earlier key
-  compressed, except the extend's last query, which (like a decode query) sees every key
-  compressed, its own included.
+  compressed (with ``reproducible``, the extend's last query, like a decode query, sees every key
+  compressed, its own included).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ class SparKReferenceModel:
         last_end = self.extends[-1][1]
         in_last_extend = torch.arange(n) < last_end
         same_extend = (segment[:, None] == segment[None, :]) & in_last_extend[:, None] & in_last_extend[None, :]
-        same_extend[last_end - 1] = False  # the extend's last query reads every key compressed
+        if self.config.reproducible:  # the extend's last query reads every key compressed
+            same_extend[last_end - 1] = False
         group = q.shape[1] // hkv
         qf = q.float()
         dense_logits = torch.einsum("ihd,jhd->hij", qf, k.float().repeat_interleave(group, 1))

@@ -59,8 +59,9 @@ def test_ratio_zero_matches_dense_triton_backend(model_path, dense):
         (SparKConfig(key_ratio=0.5), "torch"),
         (SparKConfig(key_ratio=0.75, value_ratio=0.5, recovery="zero", window=8), "torch"),
         (SparKConfig(key_ratio=0.5, value_ratio=0.3), "triton"),
+        (SparKConfig(key_ratio=0.5, reproducible=True), "torch"),
     ],
-    ids=["K0.5-mean", "K0.75-V0.5-zero-w8", "K0.5-V0.3-mean-triton"],
+    ids=["K0.5-mean", "K0.75-V0.5-zero-w8", "K0.5-V0.3-mean-triton", "K0.5-reproducible"],
 )
 def test_spark_engine_matches_reference_model_and_saves_memory(model_path, dense, config, kernels, monkeypatch):
     """Greedy tokens and logprobs equal a transformers model whose cache is SparK-simulated by the
@@ -68,7 +69,7 @@ def test_spark_engine_matches_reference_model_and_saves_memory(model_path, dense
     monkeypatch.setenv("SPARK_SGLANG_KERNELS", kernels)  # inherited by the scheduler process
     info, outputs, ids = serve(
         model_path, "spark", spark_key_ratio=config.key_ratio, spark_value_ratio=config.value_ratio,
-        spark_recovery=config.recovery, spark_window=config.window,
+        spark_recovery=config.recovery, spark_window=config.window, spark_reproducible=config.reproducible or None,
     )  # fmt: skip
     assert info["spark_key_ratio"] == config.key_ratio and info["attention_backend"] == "spark"
     cached = outputs[1]["meta_info"]["cached_tokens"]

@@ -1,9 +1,8 @@
 """SparK through SGLang's HTTP server: OpenAI API, prefix caching, server info, the examples, and a
 bad option refused by the launcher.
 
-One embedded server (``spark_sglang.embedded``, tiny random-weight Llama, key ratio 0.5) serves the
-whole module. On CPU it runs the Triton kernels in the interpreter, where every new prompt token
-costs a prefill step: prompts and replies here are kept short.
+One embedded server (``spark_sglang.embedded``, SmolLM2-135M-Instruct, key ratio 0.5) serves the
+whole module; on CPU the spark backend runs its PyTorch path.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from spark_sglang.embedded import (  # noqa: E402
     server_env,
     server_info,
 )
-from spark_sglang.tiny_model import build_tiny_llama  # noqa: E402
+from spark_sglang.smollm2 import smollm2_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_RATIO = 0.5
@@ -44,7 +43,7 @@ def load_example(name: str):
 
 @pytest.fixture(scope="module")
 def model_path():
-    return build_tiny_llama()
+    return smollm2_path()
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +97,8 @@ def test_server_info_reports_spark(url, model_path):
     assert info["spark_key_ratio"] == KEY_RATIO
     assert info["max_total_num_tokens"] > 0
     sizes = kv_bytes_per_token(url, model_path)
-    # tiny model: 2 layers x 2 KV heads x head dim 32, float32 K and V
-    assert sizes["dense"] == 2 * 2 * 2 * 32 * 4
+    # SmolLM2: 30 layers x 3 KV heads x head dim 64, float32 K and V
+    assert sizes["dense"] == 30 * 3 * 2 * 64 * 4
     assert sizes["key_ratio"] == KEY_RATIO
     assert 0 < sizes["spark_slot"] <= sizes["spark"] < sizes["dense"]
 

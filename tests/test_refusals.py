@@ -35,12 +35,28 @@ def start(model_path, **options):
         (dict(attention_backend="spark", enable_mixed_chunk=True), r"--enable-mixed-chunk"),
         (dict(attention_backend="spark", decode_attention_backend="triton"), r"cannot be mixed with another backend"),
         (dict(attention_backend="spark", kv_cache_dtype="mxfp8"), r"MXFP8 and FP4 KV caches cannot be combined"),
+        (dict(attention_backend="spark", spark_key_ratio="0.5"), r"key_ratio='0\.5' is a str, not a number"),
+        (dict(attention_backend="spark", spark_window=2.5), r"window=2\.5 must be a positive integer, not a float"),
+        (dict(attention_backend="spark", spark_dense_layers="0,7"), r"names layers \[7\] but the model has 2 layers"),
+        (dict(attention_backend="spark", enable_dp_attention=True, dp_size=2), r"DP attention is not supported"),
+        (dict(attention_backend="spark", dp_size=2), r"data parallelism \(--dp-size > 1\) is not supported"),
     ],
-    ids=["key-ratio", "value-ratio", "window", "dense-layers", "not-spark", "mixed-chunk", "mixed-backends", "mxfp8"],
+    ids=["key-ratio", "value-ratio", "window", "dense-layers", "not-spark", "mixed-chunk", "mixed-backends", "mxfp8",
+         "ratio-type", "window-type", "dense-layers-beyond-model", "dp-attention", "dp-size"],
 )
 def test_engine_refuses_at_start_up(model_path, options, message):
     with pytest.raises(ValueError, match=message):
         start(model_path, **options)
+
+
+def test_every_problem_is_listed_in_one_message(model_path):
+    """Several bad options and an unsupported setting: one ValueError names each of them."""
+    with pytest.raises(ValueError) as raised:
+        start(model_path, attention_backend="spark", spark_key_ratio=2.0, spark_value_ratio="x",
+              spark_window=0, enable_mixed_chunk=True)  # fmt: skip
+    message = str(raised.value)
+    for part in ("key_ratio=2.0", "value_ratio='x'", "window=0", "--enable-mixed-chunk"):
+        assert part in message, part
 
 
 def test_command_line_options_reach_server_args(model_path):

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from spark_sglang.kernels import reference as R
-from spark_sglang.window_stats import batched_value_bias, batched_window_norm
+from spark_sglang.window_stats import batched_value_bias, batched_window_norm, window_queries
 
 
-@pytest.mark.parametrize("lens,window,group", [([5, 40, 1, 32], 32, 4), ([7, 3], 4, 1), ([1], 32, 2)])
+@pytest.mark.parametrize(
+    "lens,window,group", [([5, 40, 1, 32], 32, 4), ([7, 3], 4, 1), ([1], 32, 2), ([3, 9], 100_000, 3)]
+)
 def test_batched_statistics_match_reference(lens, window, group):
     g = torch.Generator().manual_seed(sum(lens) + window)
     hkv, d = 2, 32
@@ -16,7 +18,9 @@ def test_batched_statistics_match_reference(lens, window, group):
     lens_t = torch.tensor(lens)
     starts = torch.cumsum(lens_t, 0) - lens_t
     segment = torch.repeat_interleave(torch.arange(len(lens)), lens_t)
-    norms = batched_window_norm(q, starts, lens_t, window, hkv)
+    window_rows = window_queries(starts, lens_t, lens, window)
+    assert window_rows.index.numel() == sum(min(window, n) for n in lens)  # memory: the batch's tokens
+    norms = batched_window_norm(q, window_rows, hkv)
     biases = batched_value_bias(v, segment, len(lens))
     for b, (start, n) in enumerate(zip(starts.tolist(), lens)):
         last = q[start + max(0, n - window) : start + n]
