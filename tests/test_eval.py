@@ -121,10 +121,11 @@ def test_spark_bytes_are_the_layouts_per_head_bytes_plus_side_data():
             + ROW_ID_BYTES + window_row / n
         got = budget.spark_bytes(MINILM_SHAPE, key_ratio, value_ratio, recovery, n)
         assert got == pytest.approx(expected)
-    # side data is really counted: "mean" keys cost more than the kept entries alone
-    mean = SparKConfig(key_ratio=0.5).layout(32, torch.bfloat16).key_bytes_per_head()
-    zero = SparKConfig(key_ratio=0.5, recovery="zero").layout(32, torch.bfloat16).key_bytes_per_head()
-    assert mean > zero > 16 * 2
+    # side data is really counted: at D 128 "mean" records (64 kept x 2 B, 16 B bitmap, 8 B signs,
+    # 2 B fill -> 160 padded to 16 B) cost more than "zero" ones (144) and than the kept entries
+    mean = SparKConfig(key_ratio=0.5).layout(128, torch.bfloat16).key_bytes_per_head()
+    zero = SparKConfig(key_ratio=0.5, recovery="zero").layout(128, torch.bfloat16).key_bytes_per_head()
+    assert mean == 160 and zero == 144
 
 
 def test_think_bytes_hand_computed():
@@ -360,7 +361,9 @@ def test_harness_equal_bytes_and_ordering(minilm, documents):
             for method in methods.CHANNEL_METHODS:
                 own = results.cells[(setting, method.name, "", ratio)]["bytes"]
                 ev = results.cells[(setting, methods.EVICTION, method.name, ratio)]["bytes"]
-                assert abs(own - ev) <= 0.5 * results.dense_bytes / n  # whole tokens only
+                # whole tokens only; a method costlier than dense (padded records at ratio 0.3)
+                # is matched by eviction keeping everything
+                assert abs(min(own, results.dense_bytes) - ev) <= 0.5 * results.dense_bytes / n
             # more pruning, more error; SparK's kept channels beat ThinK's at equal ratio
             assert results.mean(setting, "spark-mean-k", 0.8, "rel_err") > \
                 results.mean(setting, "spark-mean-k", 0.3, "rel_err")

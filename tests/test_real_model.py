@@ -24,18 +24,19 @@ QUESTIONS = [
 ]  # fmt: skip
 NEW_TOKENS = 24
 #: Greedy answers (24 tokens or up to EOS) identical to dense at key ratio 0.5, measured: 7 of 12
-#: (FP8 alone: 5 of 12); the first 4 tokens agree on 10 of 12. Asserted with margin.
+#: (FP8 alone: 5 of 12); the first 4 tokens agree on 12 of 12. Asserted with margin.
 MIN_IDENTICAL, MIN_SAME_START = 4, 8
-#: Continuation perplexity over a cached compressed context vs dense, measured +0.5 % at key ratio
+#: Continuation perplexity over a cached compressed context vs dense, measured +1.0 % at key ratio
 #: 0.5 on this text (docs/frontier.md: +0.5 % over 8 texts). Bound with margin.
 MAX_PERPLEXITY_CHANGE = 0.05
 CONTEXT, CONTINUATION = 512, 96
 
 
 def start(backend, **options):
+    options = {"log_level": "error", **options}
     return sgl.Engine(model_path=smollm2_path(), device="cpu", attention_backend=backend, dtype="float32",
                       disable_cuda_graph=True, mem_fraction_static=0.05, max_total_tokens=8192,
-                      random_seed=0, log_level="error", sleep_on_idle=True, **options)  # fmt: skip
+                      random_seed=0, sleep_on_idle=True, **options)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +70,11 @@ def continuation_perplexity(engine, tokenizer) -> float:
 
 @pytest.fixture(scope="module")
 def dense(prompts, tokenizer):
+    # Shut down before any other engine starts: Engine.shutdown kills every child process of this
+    # one, a live engine's scheduler included, whose watchdog then kills the test process.
     engine = start("torch_native")
     try:
-        yield {"answers": answers(engine, prompts), "perplexity": continuation_perplexity(engine, tokenizer)}
+        return {"answers": answers(engine, prompts), "perplexity": continuation_perplexity(engine, tokenizer)}
     finally:
         engine.shutdown()
 

@@ -68,23 +68,16 @@ def compress_all(
     compressed_values: torch.Tensor | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{method.name: (keys, values)}`` for ``methods`` at ``ratio``; equal to each
-    :meth:`ChannelMethod.compress` (the tests check it), but SparK's per-token channel selection is
-    computed once and shared by "mean", "zero" and K+V (they prune the same channels and differ only
-    in the fill), and ``compressed_values`` (:func:`reference.simulate_values` at ``ratio``, which
-    does not depend on the window) can be passed in to reuse it across windows."""
+    :meth:`ChannelMethod.compress` (the tests check it), but the window norms are computed once,
+    SparK's keys once per fill (K and K+V share them), and ``compressed_values``
+    (:func:`reference.simulate_values` at ``ratio``, which does not depend on the window) can be
+    passed in to reuse it across windows."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     spark = [m for m in methods if m.kind == "spark"]
     if spark:
         key_norm = reference.window_channel_norm(window_q, keys.shape[1])
-        saliency = reference.key_saliency(keys, key_norm)
-        keep = reference.kept_mask(saliency, int(ratio * keys.shape[-1]))
-        filled = {
-            "zero": lambda: torch.zeros_like(saliency),
-            "mean": lambda: reference.recovered_keys(
-                ~(keys > 0), reference.key_fill(saliency, keep), key_norm),
-        }
         recovered = {
-            mode: torch.where(keep, keys.float(), filled[mode]()).to(keys.dtype)
+            mode: reference.simulate_keys_with_norm(keys, key_norm, ratio, mode)
             for mode in {m.recovery for m in spark}
         }
         for method in spark:
