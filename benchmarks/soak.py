@@ -125,9 +125,9 @@ async def run_batch(engine, kind, prompts, params, stats: Stats, rng: random.Ran
             stats.aborted += 1
         else:
             stats.served += 1
-        stats.prompt_tokens += meta["prompt_tokens"]
+        stats.prompt_tokens += meta.get("prompt_tokens", 0)  # absent when aborted while waiting
         stats.cached_tokens += meta.get("cached_tokens", 0)
-        stats.generated_tokens += meta["completion_tokens"]
+        stats.generated_tokens += meta.get("completion_tokens", 0)
         stats.bad_logprobs += sum(1 for entry in meta.get("output_token_logprobs", [])
                                   if entry[0] is not None and not math.isfinite(entry[0]))  # fmt: skip
     if kind == "burst":

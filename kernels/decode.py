@@ -6,20 +6,35 @@ bytes only. Two launches:
 
 * ``_decode_split_kernel``, grid ``(batch, kv_heads, grid_splits)``: one program holds the ``G``
   query heads of one KV group (padded to 16 rows for ``tl.dot``) and walks one contiguous split
-  of the request's slots in ``BLOCK_N`` tiles with an online softmax; it writes a normalised
+  of the request's slots in ``BLOCK_N``-slot tiles with an online softmax; it writes a normalised
   partial output and its log-sum-exp.
 * ``_merge_splits_kernel``, grid ``(batch, q_heads)``: merges the partials by log-sum-exp.
 
-Rebuilding a tile of ``BLOCK_N`` slots (one KV head):
+How a tile ``[BLOCK_N, D]`` is rebuilt (``rebuild_keys`` / ``rebuild_values``, shared with
+extend): the decode loop is issue-bound, not memory-bound, unless every channel costs a handful
+of instructions, so the tile is built in the layout that makes each step cheap:
 
-* the bitmap words ``[BLOCK_N, D/32]`` are expanded to bits ``[BLOCK_N, D]``;
-* the rank of a kept channel (its index in ``kept``) is the exclusive prefix count of the bits;
-* kept channels are gathered at ``kept[slot, head, rank]``; a pruned key channel gets
-  ``(sign ? -1 : 1) * fill * Qn[c]^-1/2`` ("mean") or 0 ("zero"), rounded to the KV dtype as
-  ``reference.unpack_keys`` does; a pruned value channel gets the value fill.
+* The tile is assembled from 8 parts ``[BLOCK_N, D/32, 4]``: part ``j`` holds channels
+  ``32 w + 8 q + j`` and ``_join8`` interleaves them (``tl.join`` + ``tl.reshape``, no data
+  movement) so that each thread owns 8 consecutive channels of a few slots. Everything a slot
+  and bitmap word share (the word, the kept entries' address, the signs, the fill) is computed
+  once per slot-word ``[BLOCK_N, D/32]`` and broadcast; everything a channel shares (its bit
+  masks, ``Qn^-1/2``) is per-thread constant.
+* Rank of channel ``c`` (its index among the kept entries): ``prefix[word] + popc(word & below)``
+  with ``below = (1 << c % 32) - 1``; the kept entry is one predicated 16-bit load from the
+  slot's record (L1-resident: the tile's records are read whole), whose ``other`` value is the
+  recovered entry, so kept and pruned channels need no select.
+* A pruned key channel ("mean") is ``sign * min(fill * Qn[c]^-1/2, max)``: ``Qn^-1/2`` is computed
+  once per window row (``_row_rsqrt``, IEEE ``1 / sqrt``, 0 below the smallest normal float), the
+  fill per slot, and the sign bit is moved from the slot-word's pruned-sign word (bit ``i`` = the
+  ``i``-th pruned channel of the word) into the float's sign with one shift.
+* Window rows: a program rebuilds a tile with one row's ``Qn^-1/2`` at a time. Rows come in long
+  runs (one per compression event), so a tile almost always has one row; a tile that mixes rows
+  is walked once per distinct row, each pass taking the slots of that row.
 
-``Qn`` is row ``slot_rows[slot]`` of the layer's window statistics; it is read only for pruned
-channels, and the few live rows stay in L2.
+Corrupt inputs stay in bounds: a bitmap with more than ``T`` bits set reads as all-pruned (no rank
+reaches past the slot's kept entries), sign words are read only below ``ceil(P/32)``, and window
+row ids are clamped to the table.
 """
 
 from __future__ import annotations
@@ -29,11 +44,16 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.jit import JITFunction
 
-from .layout import FP8_DTYPES
+from .layout import SlotLayout
 from .reference import PackedKeys, PackedValues
 
 __all__ = ["SparKDecodeWrapper"]
+
+#: Smallest normal float32: window norms below it recover to 0 (reference.MIN_NORM).
+MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,141 +62,398 @@ __all__ = ["SparKDecodeWrapper"]
 
 
 @triton.jit
-def load_bits(words_ptr, row_offs, mask_n, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    """Bits ``[BLOCK_N, D]`` int32 (0/1) of the bitmaps at ``words_ptr + row_offs[n]``; channel
-    ``c`` is bit ``c % 32`` of word ``c // 32``. Rows off ``mask_n`` read as all zero."""
-    W: tl.constexpr = D // 32
-    offs_w = tl.arange(0, W)
-    words = tl.load(words_ptr + row_offs[:, None] + offs_w[None, :], mask=mask_n[:, None], other=0)
-    lane = tl.arange(0, 32)
-    # Arithmetic shift of a negative word smears the sign bit; the & 1 keeps one bit.
-    bits = (words[:, :, None] >> lane[None, None, :]) & 1
-    return tl.reshape(bits, (BLOCK_N, D))
+def _popcount_hw(x):
+    return libdevice.popc(x)
 
 
 @triton.jit
-def gather_kept(kept_ptr, row_offs, bits, scale, IS_FP8: tl.constexpr):
-    """Kept entries at their channels ``[BLOCK_N, D]`` as float32 (FP8: times ``scale``), 0 on
-    pruned channels; also returns each channel's rank (kept channels below it)."""
-    rank = tl.cumsum(bits, axis=1) - bits
-    kept = tl.load(kept_ptr + row_offs[:, None] + rank, mask=bits != 0, other=0.0).to(tl.float32)
+def _popcount_swar(x):
+    u = x.to(tl.uint32, bitcast=True)
+    u = u - ((u >> 1) & 0x55555555)
+    u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+    u = (u + (u >> 4)) & 0x0F0F0F0F
+    return ((u * 0x01010101) >> 24).to(tl.int32)
+
+
+#: Set bits of int32 words: the hardware ``POPC`` when compiled; the Triton interpreter (CPU
+#: tests) has no libdevice, so it counts with shifts and masks.
+popcount = _popcount_hw if isinstance(_popcount_hw, JITFunction) else _popcount_swar
+
+
+@triton.jit
+def _interleave8(c0, c1, c2, c3, c4, c5, c6, c7):
+    """Parts ``[..., 4]`` -> ``[..., 4, 2, 2, 2]`` whose element ``[..., q, x, y, z]`` is part
+    ``4 x + 2 y + z`` at ``q``: flattened, channel ``8 q + j`` comes from part ``j``. ``tl.join``
+    puts the new dims in registers, so nothing moves between threads."""
+    return tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+
+
+@triton.jit
+def _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Parts ``[BLOCK, D/32, 4]`` -> ``[BLOCK, D]``, channel ``32 w + 8 q + j`` from part ``j``;
+    each thread keeps 8 consecutive channels."""
+    return tl.reshape(_interleave8(c0, c1, c2, c3, c4, c5, c6, c7), (BLOCK, D))
+
+
+@triton.jit
+def _split8(x):
+    """Inverse of ``_interleave8``: ``[..., 4, 2, 2, 2]`` -> 8 parts ``[..., 4]``."""
+    even, odd = tl.split(x)
+    ee, eo = tl.split(even)
+    oe, oo = tl.split(odd)
+    c0, c4 = tl.split(ee)
+    c2, c6 = tl.split(eo)
+    c1, c5 = tl.split(oe)
+    c3, c7 = tl.split(oo)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _lane_bits(word, j: tl.constexpr):
+    """For part ``j`` (channels ``c % 32 = 8 q + j``): each channel's rank within its word (set bits
+    below it) and whether it is kept."""
+    lane = 8 * tl.arange(0, 4)[None, None, :] + j
+    below = (1 << lane) - 1
+    return popcount(word & below), (word & (below + 1)) != 0
+
+
+@triton.jit
+def _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, j: tl.constexpr, D: tl.constexpr):
+    offs = 32 * tl.arange(0, D // 32)[None, :, None] + 8 * tl.arange(0, 4)[None, None, :] + j
+    qn = tl.load(Stats + row * stride_st_r + kv_head * stride_st_h + offs).to(tl.float32)
+    normal = qn >= MIN_NORMAL
+    return tl.where(normal, tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(normal, qn, 1.0))), 0.0)
+
+
+@triton.jit
+def row_rsqrt(Stats, row, stride_st_r, kv_head, stride_st_h, D: tl.constexpr):
+    """``Qn^-1/2`` of one window row and KV head as ``[1, D/32, 4, 2, 2, 2]`` float32 (the parts
+    of a tile, ``_interleave8``), 0 where ``Qn`` is below the smallest normal float (or NaN):
+    IEEE ``1 / sqrt``, as ``reference.rsqrt_or_zero``. Computed once per row run, not per slot."""
+    return _interleave8(
+        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 0, D),
+        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 1, D),
+        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 2, D),
+        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 3, D),
+        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 4, D),
+        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 5, D),
+        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 6, D),
+        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 7, D),
+    )
+
+
+@triton.jit
+def _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, j: tl.constexpr, D: tl.constexpr):
+    offs = 32 * tl.arange(0, D // 32)[None, :, None] + 8 * tl.arange(0, 4)[None, None, :] + j
+    qn = tl.load(Stats + rows.to(tl.int64)[:, None, None] * stride_st_r + kv_head * stride_st_h + offs)
+    qn = qn.to(tl.float32)
+    normal = qn >= MIN_NORMAL
+    return tl.where(normal, tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(normal, qn, 1.0))), 0.0)
+
+
+@triton.jit
+def slot_rsqrt(Stats, rows, stride_st_r, kv_head, stride_st_h, D: tl.constexpr):
+    """``row_rsqrt`` of each slot's own window row ``rows [BLOCK]``: ``[BLOCK, D/32, 4, 2, 2, 2]``,
+    for a tile whose slots mix rows."""
+    return _interleave8(
+        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 0, D),
+        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 1, D),
+        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 2, D),
+        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 3, D),
+        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 4, D),
+        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 5, D),
+        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 6, D),
+        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 7, D),
+    )
+
+
+@triton.jit
+def _bitmaps(rec, sel, MASK_OFF: tl.constexpr, KEPT: tl.constexpr, W: tl.constexpr):
+    """Bitmap words ``[BLOCK, W]`` of the selected records and the kept entries before each word.
+    A bitmap with more than ``KEPT`` bits set (corrupt) reads as all-pruned: ranks stay below
+    ``KEPT``, so no load leaves the slot's kept entries."""
+    words_ptr = (rec + MASK_OFF).to(tl.pointer_type(tl.int32))
+    words = tl.load(words_ptr[:, None] + tl.arange(0, W)[None, :], mask=sel[:, None], other=0)
+    counts = popcount(words)
+    sane = tl.sum(counts, axis=1) <= KEPT
+    words = tl.where(sane[:, None], words, 0)
+    counts = tl.where(sane[:, None], counts, 0)
+    return words, tl.cumsum(counts, axis=1) - counts
+
+
+@triton.jit
+def _pruned_signs(rec, sel, prefix, SIGN_OFF: tl.constexpr, SIGN_WORDS: tl.constexpr, W: tl.constexpr):
+    """``[BLOCK, W]`` uint32: bit ``i`` = sign of the ``i``-th pruned channel of bitmap word ``w``.
+    Signs are stored for the pruned channels in order; word ``w``'s start at pruned rank
+    ``32 w - prefix``, so each is a funnel shift of two stored sign words."""
+    sign_ptr = (rec + SIGN_OFF).to(tl.pointer_type(tl.int32))[:, None]
+    start = 32 * tl.arange(0, W)[None, :] - prefix
+    index = start >> 5
+    shift = (start & 31).to(tl.uint32)
+    lo = tl.load(sign_ptr + index, mask=sel[:, None] & (index < SIGN_WORDS), other=0)
+    hi = tl.load(sign_ptr + index + 1, mask=sel[:, None] & (index + 1 < SIGN_WORDS), other=0)
+    lo = lo.to(tl.uint32, bitcast=True)
+    hi = hi.to(tl.uint32, bitcast=True)
+    return (lo >> shift) | ((hi << 1) << (31 - shift))
+
+
+@triton.jit
+def _key_part(word, kept_ptr, signs, fill, rs, k_scale, j: tl.constexpr, MEAN_RECOVERY: tl.constexpr,
+              IS_FP8: tl.constexpr, OUT_MAX: tl.constexpr, out_dtype: tl.constexpr):
+    rank, kept = _lane_bits(word, j)
+    if MEAN_RECOVERY:
+        magnitude = tl.minimum(fill * rs, OUT_MAX, propagate_nan=tl.PropagateNan.ALL)
+        lane = 8 * tl.arange(0, 4)[None, None, :] + j
+        # Bit (lane - rank) of the word's pruned signs, moved to bit 31.
+        sign = (signs << (31 - lane + rank).to(tl.uint32)) & 0x80000000
+        recovered = (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    else:
+        recovered = tl.zeros(rank.shape, tl.float32)
     if IS_FP8:
-        kept = kept * scale
-    return kept, rank
-
-
-@triton.jit
-def pruned_negative(sign_ptr, row_offs, mask_n, rank, SIGN_WORDS: tl.constexpr, D: tl.constexpr):
-    """``[BLOCK_N, D]`` bool: the sign bit of each pruned channel ``c``, stored at its pruned rank
-    ``c - rank(c)`` among ``SIGN_WORDS`` words per slot (meaningless on kept channels)."""
-    pruned_rank = tl.arange(0, D)[None, :] - rank
-    word = tl.zeros(rank.shape, tl.int32)
-    for w in tl.static_range(SIGN_WORDS):
-        column = tl.load(sign_ptr + row_offs + w, mask=mask_n, other=0)
-        word = tl.where((pruned_rank // 32) == w, column[:, None], word)
-    return ((word >> (pruned_rank % 32)) & 1) != 0
-
-
-@triton.jit
-def finite(x, dtype):
-    """Clamp float32 ``x`` to ``dtype``'s finite range (a recovered fp16 key can exceed it)."""
-    if dtype == tl.float16:
-        x = tl.clamp(x, -65504.0, 65504.0)
-    return x
+        stored = tl.load(kept_ptr + rank, mask=kept, other=0.0).to(tl.float32) * k_scale
+        return tl.where(kept, stored, recovered).to(out_dtype)
+    return tl.load(kept_ptr + rank, mask=kept, other=recovered.to(out_dtype))
 
 
 @triton.jit
 def rebuild_keys(
-    slots,
-    mask_n,
-    kv_head,
-    KKept,
-    stride_kk_s,
-    stride_kk_h,
-    KMask,
-    stride_km_s,
-    stride_km_h,
-    KSign,
-    stride_ks_s,
-    stride_ks_h,
-    KFill,
-    stride_kf_s,
-    stride_kf_h,
-    Stats,
-    stride_st_r,
-    stride_st_h,
-    SlotRows,
+    rec,
+    sel,
+    rs,
     k_scale,
-    out_dtype: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    KRec,
+    BLOCK: tl.constexpr,
     D: tl.constexpr,
-    MEAN_RECOVERY: tl.constexpr,
+    KEPT: tl.constexpr,
+    MASK_OFF: tl.constexpr,
+    SIGN_OFF: tl.constexpr,
+    FILL_OFF: tl.constexpr,
     SIGN_WORDS: tl.constexpr,
+    MEAN_RECOVERY: tl.constexpr,
     IS_FP8: tl.constexpr,
+    OUT_MAX: tl.constexpr,
+    out_dtype: tl.constexpr,
 ):
-    """Dense keys ``[BLOCK_N, D]`` in ``out_dtype`` for the slots ``slots [BLOCK_N]`` (int64)."""
-    bits = load_bits(KMask, slots * stride_km_s + kv_head * stride_km_h, mask_n, BLOCK_N, D)
-    k, rank = gather_kept(KKept, slots * stride_kk_s + kv_head * stride_kk_h, bits, k_scale, IS_FP8)
+    """Keys ``[BLOCK, D]`` in ``out_dtype`` of the key records at byte pointers ``rec [BLOCK]``
+    (rows off ``sel`` read nothing and come out 0); ``rs``: the window row's ``row_rsqrt``
+    ("mean" only); ``KRec``: any pointer of the cache's entry type."""
+    W: tl.constexpr = D // 32
+    words, prefix = _bitmaps(rec, sel, MASK_OFF, KEPT, W)
+    kept_ptr = (rec.to(KRec.dtype, bitcast=True)[:, None] + prefix)[:, :, None]
+    word = words[:, :, None]
     if MEAN_RECOVERY:
-        pruned = (bits == 0) & mask_n[:, None]
-        negative = pruned_negative(KSign, slots * stride_ks_s + kv_head * stride_ks_h, mask_n, rank, SIGN_WORDS, D)
-        fill = tl.load(KFill + slots * stride_kf_s + kv_head * stride_kf_h, mask=mask_n, other=0.0).to(tl.float32)
-        row = tl.load(SlotRows + slots, mask=mask_n, other=0).to(tl.int64)
-        offs_d = tl.arange(0, D)
-        qn = tl.load(
-            Stats + row[:, None] * stride_st_r + kv_head * stride_st_h + offs_d[None, :],
-            mask=pruned,
-            other=0.0,
-        ).to(tl.float32)
-        # Norms below the smallest normal float (0 included) recover to 0, as in the reference:
-        # rsqrt of 0 or of a flushed denormal is inf, and inf * 0 = nan.
-        normal = qn >= 1.1754943508222875e-38
-        magnitude = fill[:, None] * tl.where(normal, tl.math.rsqrt(tl.where(normal, qn, 1.0)), 0.0)
-        recovered = finite(tl.where(negative, -magnitude, magnitude), out_dtype)
-        k = tl.where(bits != 0, k, recovered)
-    return k.to(out_dtype)
+        signs = _pruned_signs(rec, sel, prefix, SIGN_OFF, SIGN_WORDS, W)[:, :, None]
+        fill_ptr = (rec + FILL_OFF).to(tl.pointer_type(tl.bfloat16))
+        fill = tl.load(fill_ptr, mask=sel, other=0.0).to(tl.float32)[:, None, None]
+        r0, r1, r2, r3, r4, r5, r6, r7 = _split8(rs)
+    else:
+        signs = word
+        fill = 0.0
+        r0, r1, r2, r3, r4, r5, r6, r7 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    return _join8(
+        _key_part(word, kept_ptr, signs, fill, r0, k_scale, 0, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_part(word, kept_ptr, signs, fill, r1, k_scale, 1, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_part(word, kept_ptr, signs, fill, r2, k_scale, 2, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_part(word, kept_ptr, signs, fill, r3, k_scale, 3, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_part(word, kept_ptr, signs, fill, r4, k_scale, 4, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_part(word, kept_ptr, signs, fill, r5, k_scale, 5, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_part(word, kept_ptr, signs, fill, r6, k_scale, 6, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_part(word, kept_ptr, signs, fill, r7, k_scale, 7, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        BLOCK, D,
+    )  # fmt: skip
+
+
+@triton.jit
+def _value_part(word, kept_ptr, fill, v_scale, j: tl.constexpr, IS_FP8: tl.constexpr, out_dtype: tl.constexpr):
+    rank, kept = _lane_bits(word, j)
+    if IS_FP8:
+        stored = tl.load(kept_ptr + rank, mask=kept, other=0.0).to(tl.float32) * v_scale
+        return tl.where(kept, stored, fill).to(out_dtype)
+    return tl.load(kept_ptr + rank, mask=kept, other=fill.to(out_dtype))
 
 
 @triton.jit
 def rebuild_values(
-    slots,
-    mask_n,
-    kv_head,
     V,
+    slots,
+    kv_head,
     stride_v_s,
     stride_v_h,
-    VMask,
-    stride_vm_s,
-    stride_vm_h,
-    VFill,
-    stride_vf_s,
-    stride_vf_h,
+    sel,
     v_scale,
-    out_dtype: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
     DV: tl.constexpr,
     VALUES_PACKED: tl.constexpr,
+    KEPT: tl.constexpr,
+    MASK_OFF: tl.constexpr,
+    FILL_OFF: tl.constexpr,
     IS_FP8: tl.constexpr,
+    OUT_MAX: tl.constexpr,
+    out_dtype: tl.constexpr,
 ):
-    """Dense values ``[BLOCK_N, DV]`` in ``out_dtype``; ``V`` is the dense cache or the kept part."""
-    row_offs = slots * stride_v_s + kv_head * stride_v_h
+    """Values ``[BLOCK, DV]`` in ``out_dtype`` of ``slots``: dense (``V`` the cache, strides in
+    elements) or value records (``V`` the kept view, strides in bytes); rows off ``sel`` are 0."""
     if VALUES_PACKED:
-        bits = load_bits(VMask, slots * stride_vm_s + kv_head * stride_vm_h, mask_n, BLOCK_N, DV)
-        v, _ = gather_kept(V, row_offs, bits, v_scale, IS_FP8)
-        fill = tl.load(VFill + slots * stride_vf_s + kv_head * stride_vf_h, mask=mask_n, other=0.0).to(tl.float32)
-        v = tl.where(bits != 0, v, finite(fill[:, None], out_dtype))
-    else:
-        offs_d = tl.arange(0, DV)
-        v = tl.load(V + row_offs[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-        if IS_FP8:
-            v = v * v_scale
+        W: tl.constexpr = DV // 32
+        rec = V.to(tl.pointer_type(tl.uint8), bitcast=True) + kv_head * stride_v_h + wide_product(slots, stride_v_s)
+        words, prefix = _bitmaps(rec, sel, MASK_OFF, KEPT, W)
+        kept_ptr = (rec.to(V.dtype, bitcast=True)[:, None] + prefix)[:, :, None]
+        word = words[:, :, None]
+        fill = tl.load((rec + FILL_OFF).to(tl.pointer_type(tl.bfloat16)), mask=sel, other=0.0).to(tl.float32)
+        fill = tl.clamp(fill, -OUT_MAX, OUT_MAX)[:, None, None]
+        return _join8(
+            _value_part(word, kept_ptr, fill, v_scale, 0, IS_FP8, out_dtype),
+            _value_part(word, kept_ptr, fill, v_scale, 1, IS_FP8, out_dtype),
+            _value_part(word, kept_ptr, fill, v_scale, 2, IS_FP8, out_dtype),
+            _value_part(word, kept_ptr, fill, v_scale, 3, IS_FP8, out_dtype),
+            _value_part(word, kept_ptr, fill, v_scale, 4, IS_FP8, out_dtype),
+            _value_part(word, kept_ptr, fill, v_scale, 5, IS_FP8, out_dtype),
+            _value_part(word, kept_ptr, fill, v_scale, 6, IS_FP8, out_dtype),
+            _value_part(word, kept_ptr, fill, v_scale, 7, IS_FP8, out_dtype),
+            BLOCK, DV,
+        )  # fmt: skip
+    offs_d = tl.arange(0, DV)
+    rows = V + kv_head * stride_v_h + wide_product(slots, stride_v_s)
+    v = tl.load(rows[:, None] + offs_d[None, :], mask=sel[:, None], other=0.0)
+    if IS_FP8:
+        return (v.to(tl.float32) * v_scale).to(out_dtype)
     return v.to(out_dtype)
+
+
+@triton.jit
+def wide_product(slots, stride):
+    """``slots * stride`` as int64 from non-negative int32 operands: one 32x32->64-bit multiply
+    (a signed widening costs three more instructions per slot)."""
+    return (slots.to(tl.uint32).to(tl.uint64) * stride.to(tl.uint32).to(tl.uint64)).to(tl.int64)
 
 
 @triton.jit
 def soft_cap(x, cap):
     """``cap * tanh(x / cap)``, with tanh written through the sigmoid (no libdevice needed)."""
     return cap * (2.0 * tl.sigmoid(2.0 * x / cap) - 1.0)
+
+
+@triton.jit
+def row_run(indices, start, hi, SlotRows, num_rows, BLOCK: tl.constexpr):
+    """The window row of slot ``indices[start]`` and the end of its run: the first position in
+    ``[start, hi)`` whose slot has another row (``hi`` if none). Row ids are clamped into the
+    table (a corrupt id reads a valid row, never outside it). Rows come in long runs (one per
+    compression event), so this is one pass over the run's row ids, ``BLOCK`` at a time."""
+    row = tl.load(SlotRows + tl.load(indices + start))
+    row = tl.minimum(tl.maximum(row, 0), num_rows - 1)
+    end = start
+    scanning = True
+    while scanning:
+        offs = end + tl.arange(0, BLOCK)
+        in_range = offs < hi
+        slots = tl.load(indices + offs, mask=in_range, other=0)
+        rows = tl.load(SlotRows + slots, mask=in_range, other=0)
+        rows = tl.minimum(tl.maximum(rows, 0), num_rows - 1)
+        other = tl.min(tl.where(in_range & (rows != row), offs, hi), axis=0)
+        found = other < hi
+        end = tl.where(found, other, end + BLOCK)
+        scanning = (other == hi) & (end < hi)
+    return row, tl.minimum(end, hi)
+
+
+@triton.jit
+def fold_tile(
+    q, m_i, l_i, acc, slots, sel, rs, kv_head, KRec, stride_k_s, stride_k_h, V, stride_v_s,
+    stride_v_h, k_scale, v_scale, sm_scale, logit_cap, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    DV: tl.constexpr, KEPT: tl.constexpr, K_MASK_OFF: tl.constexpr, K_SIGN_OFF: tl.constexpr,
+    K_FILL_OFF: tl.constexpr, SIGN_WORDS: tl.constexpr, MEAN_RECOVERY: tl.constexpr,
+    VALUES_PACKED: tl.constexpr, V_KEPT: tl.constexpr, V_MASK_OFF: tl.constexpr,
+    V_FILL_OFF: tl.constexpr, IS_FP8: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    OUT_MAX: tl.constexpr, HAS_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Fold the slots ``sel`` of one tile of compact slots into the online softmax ``(m_i, l_i,
+    acc)`` of the query rows ``q`` (a decode program's GQA group, or an extend program's group x
+    queries): keys and values rebuilt once for all rows."""
+    rec = KRec.to(tl.pointer_type(tl.uint8), bitcast=True) + kv_head * stride_k_h + wide_product(slots, stride_k_s)
+    k = rebuild_keys(
+        rec, sel, rs, k_scale, KRec, BLOCK_N, D, KEPT, K_MASK_OFF, K_SIGN_OFF, K_FILL_OFF,
+        SIGN_WORDS, MEAN_RECOVERY, IS_FP8, OUT_MAX, COMPUTE_DTYPE,
+    )  # fmt: skip
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+    if HAS_CAP:
+        s = soft_cap(s, logit_cap)
+    s = tl.where(sel[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = rebuild_values(
+        V, slots, kv_head, stride_v_s, stride_v_h, sel, v_scale, BLOCK_N, DV,
+        VALUES_PACKED, V_KEPT, V_MASK_OFF, V_FILL_OFF, IS_FP8, OUT_MAX, COMPUTE_DTYPE,
+    )  # fmt: skip
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def fold_slots(
+    q, m_i, l_i, acc, indices, lo, hi, kv_head, KRec, stride_k_s, stride_k_h, V, stride_v_s,
+    stride_v_h, Stats, stride_st_r, stride_st_h, num_rows, SlotRows, k_scale, v_scale, sm_scale,
+    logit_cap, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, KEPT: tl.constexpr,
+    K_MASK_OFF: tl.constexpr, K_SIGN_OFF: tl.constexpr, K_FILL_OFF: tl.constexpr,
+    SIGN_WORDS: tl.constexpr, MEAN_RECOVERY: tl.constexpr, VALUES_PACKED: tl.constexpr,
+    V_KEPT: tl.constexpr, V_MASK_OFF: tl.constexpr, V_FILL_OFF: tl.constexpr, IS_FP8: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, OUT_MAX: tl.constexpr, HAS_CAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Fold the compact slots ``indices[lo:hi]`` into ``(m_i, l_i, acc)``, ``BLOCK_N`` at a time.
+
+    "mean" recovery needs each slot's window row: rows come in runs (one per compression event),
+    so the slots are walked run by run (``row_run``). The whole tiles of a run (and a run that
+    reaches ``hi``) go through the hot loop with the run's ``Qn^-1/2`` computed once; a tile
+    that holds the end of a shorter run, and so mixes rows, is rebuilt once with each slot's own
+    ``Qn^-1/2`` (``slot_rsqrt``). "zero" recovery reads no window statistics: one loop."""
+    if MEAN_RECOVERY:
+        pos = lo
+        while pos < hi:
+            row, run_end = row_run(indices, pos, hi, SlotRows, num_rows, BLOCK_N)
+            whole = tl.where(run_end == hi, hi, pos + (run_end - pos) // BLOCK_N * BLOCK_N)
+            if whole > pos:
+                rs = row_rsqrt(Stats, row.to(tl.int64), stride_st_r, kv_head, stride_st_h, D)
+                for start in tl.range(pos, whole, BLOCK_N):
+                    offs_n = start + tl.arange(0, BLOCK_N)
+                    sel = offs_n < whole
+                    slots = tl.load(indices + offs_n, mask=sel, other=0).to(tl.int32)
+                    m_i, l_i, acc = fold_tile(
+                        q, m_i, l_i, acc, slots, sel, rs, kv_head, KRec, stride_k_s, stride_k_h,
+                        V, stride_v_s, stride_v_h, k_scale, v_scale, sm_scale, logit_cap, BLOCK_N,
+                        D, DV, KEPT, K_MASK_OFF, K_SIGN_OFF, K_FILL_OFF, SIGN_WORDS, True,
+                        VALUES_PACKED, V_KEPT, V_MASK_OFF, V_FILL_OFF, IS_FP8, COMPUTE_DTYPE,
+                        OUT_MAX, HAS_CAP, DOT_PRECISION,
+                    )  # fmt: skip
+                pos = whole
+            else:
+                offs_n = pos + tl.arange(0, BLOCK_N)
+                sel = offs_n < hi
+                slots = tl.load(indices + offs_n, mask=sel, other=0).to(tl.int32)
+                rows = tl.load(SlotRows + slots, mask=sel, other=0)
+                rows = tl.minimum(tl.maximum(rows, 0), num_rows - 1)
+                slot_rs = slot_rsqrt(Stats, rows, stride_st_r, kv_head, stride_st_h, D)
+                m_i, l_i, acc = fold_tile(
+                    q, m_i, l_i, acc, slots, sel, slot_rs, kv_head, KRec, stride_k_s, stride_k_h, V,
+                    stride_v_s, stride_v_h, k_scale, v_scale, sm_scale, logit_cap, BLOCK_N, D, DV,
+                    KEPT, K_MASK_OFF, K_SIGN_OFF, K_FILL_OFF, SIGN_WORDS, True, VALUES_PACKED,
+                    V_KEPT, V_MASK_OFF, V_FILL_OFF, IS_FP8, COMPUTE_DTYPE, OUT_MAX, HAS_CAP,
+                    DOT_PRECISION,
+                )  # fmt: skip
+                pos += BLOCK_N
+    else:
+        for start in tl.range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            sel = offs_n < hi
+            slots = tl.load(indices + offs_n, mask=sel, other=0).to(tl.int32)
+            m_i, l_i, acc = fold_tile(
+                q, m_i, l_i, acc, slots, sel, 0.0, kv_head, KRec, stride_k_s, stride_k_h, V,
+                stride_v_s, stride_v_h, k_scale, v_scale, sm_scale, logit_cap, BLOCK_N, D, DV, KEPT,
+                K_MASK_OFF, K_SIGN_OFF, K_FILL_OFF, SIGN_WORDS, False, VALUES_PACKED, V_KEPT,
+                V_MASK_OFF, V_FILL_OFF, IS_FP8, COMPUTE_DTYPE, OUT_MAX, HAS_CAP, DOT_PRECISION,
+            )  # fmt: skip
+    return m_i, l_i, acc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,30 +466,16 @@ def _decode_split_kernel(
     Q,
     stride_q_b,
     stride_q_h,
-    KKept,
-    stride_kk_s,
-    stride_kk_h,
-    KMask,
-    stride_km_s,
-    stride_km_h,
-    KSign,
-    stride_ks_s,
-    stride_ks_h,
-    KFill,
-    stride_kf_s,
-    stride_kf_h,
+    KRec,
+    stride_k_s,
+    stride_k_h,
     V,
     stride_v_s,
     stride_v_h,
-    VMask,
-    stride_vm_s,
-    stride_vm_h,
-    VFill,
-    stride_vf_s,
-    stride_vf_h,
     Stats,
     stride_st_r,
     stride_st_h,
+    num_rows,
     SlotRows,
     k_scale,
     v_scale,
@@ -231,14 +494,26 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
+    KEPT: tl.constexpr,
+    K_MASK_OFF: tl.constexpr,
+    K_SIGN_OFF: tl.constexpr,
+    K_FILL_OFF: tl.constexpr,
+    SIGN_WORDS: tl.constexpr,
     MEAN_RECOVERY: tl.constexpr,
     VALUES_PACKED: tl.constexpr,
-    SIGN_WORDS: tl.constexpr,
+    V_KEPT: tl.constexpr,
+    V_MASK_OFF: tl.constexpr,
+    V_FILL_OFF: tl.constexpr,
     IS_FP8: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    OUT_MAX: tl.constexpr,
     HAS_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """One program: the ``GROUP`` query heads of KV head ``program_id(1)`` of request
+    ``program_id(0)`` over split ``program_id(2)`` of its slots, ``BLOCK_N`` slots per tile: keys
+    and values rebuilt in registers (``rebuild_keys`` / ``rebuild_values``), ``QK^T`` and ``PV``
+    on ``tl.dot``, an online softmax; writes the split's normalised output and LSE."""
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -246,8 +521,8 @@ def _decode_split_kernel(
     splits = tl.load(num_splits + batch)
     if split >= splits:
         return
-    kv_start = tl.load(kv_indptr + batch).to(tl.int64)
-    kv_len = tl.load(kv_indptr + batch + 1).to(tl.int64) - kv_start
+    kv_start = tl.load(kv_indptr + batch)
+    kv_len = tl.load(kv_indptr + batch + 1) - kv_start
     # Whole tiles per split; _merge_splits_kernel recomputes the same bounds.
     split_len = tl.cdiv(tl.cdiv(kv_len, splits), BLOCK_N) * BLOCK_N
     lo = split * split_len
@@ -265,40 +540,16 @@ def _decode_split_kernel(
         mask=mask_h[:, None],
         other=0.0,
     ).to(COMPUTE_DTYPE)
-
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, DV], tl.float32)
-    for start in tl.range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        slots = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
-        k = rebuild_keys(
-            slots, mask_n, kv_head,
-            KKept, stride_kk_s, stride_kk_h,
-            KMask, stride_km_s, stride_km_h,
-            KSign, stride_ks_s, stride_ks_h,
-            KFill, stride_kf_s, stride_kf_h,
-            Stats, stride_st_r, stride_st_h, SlotRows, k_scale,
-            COMPUTE_DTYPE, BLOCK_N, D, MEAN_RECOVERY, SIGN_WORDS, IS_FP8,
-        )  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
-        if HAS_CAP:
-            s = soft_cap(s, logit_cap)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = rebuild_values(
-            slots, mask_n, kv_head,
-            V, stride_v_s, stride_v_h,
-            VMask, stride_vm_s, stride_vm_h,
-            VFill, stride_vf_s, stride_vf_h, v_scale,
-            COMPUTE_DTYPE, BLOCK_N, DV, VALUES_PACKED, IS_FP8,
-        )  # fmt: skip
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = fold_slots(
+        q, m_i, l_i, acc, kv_indices + kv_start, lo, hi, kv_head, KRec, stride_k_s, stride_k_h, V,
+        stride_v_s, stride_v_h, Stats, stride_st_r, stride_st_h, num_rows, SlotRows, k_scale,
+        v_scale, sm_scale, logit_cap, BLOCK_N, D, DV, KEPT, K_MASK_OFF, K_SIGN_OFF, K_FILL_OFF,
+        SIGN_WORDS, MEAN_RECOVERY, VALUES_PACKED, V_KEPT, V_MASK_OFF, V_FILL_OFF, IS_FP8,
+        COMPUTE_DTYPE, OUT_MAX, HAS_CAP, DOT_PRECISION,
+    )  # fmt: skip
 
     mid = batch * stride_mid_b + heads * stride_mid_h + split * stride_mid_s
     tl.store(MidO + mid[:, None] * DV + offs_dv[None, :], acc / l_i[:, None], mask=mask_h[:, None])
@@ -323,6 +574,7 @@ def _merge_splits_kernel(
     DV: tl.constexpr,
     GRID_SPLITS: tl.constexpr,
 ):
+    """One program per (request, query head): the log-sum-exp merge of its splits' partials."""
     batch = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     kv_len = tl.load(kv_indptr + batch + 1) - tl.load(kv_indptr + batch)
@@ -366,6 +618,30 @@ def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+def _record_strides(name: str, views: dict[str, torch.Tensor | None], offsets: dict[str, int]):
+    """Byte strides ``(slot, head)`` of the records behind typed views, after checking that every
+    view sits at its ``SlotLayout`` offset of the same records (the pool's ``key_views`` /
+    ``value_views``): the kernels address one record per slot and head from its first byte."""
+    base = views["kept"]
+    strides = (base.stride(0) * base.element_size(), base.stride(1) * base.element_size())
+    for part, view in views.items():
+        if view is None or view.numel() == 0:  # no sign words when nothing is pruned
+            continue
+        if view.dim() == 3:  # the fill is [S, H]
+            _check_last_dim_contiguous(f"{name}.{part}", view)
+        found = (view.stride(0) * view.element_size(), view.stride(1) * view.element_size())
+        offset = view.data_ptr() - base.data_ptr()
+        if found != strides or offset != offsets[part]:
+            raise ValueError(
+                f"{name} must be typed views of one record buffer (kernels/layout.py key_views / "
+                f"value_views): {name}.{part} is at byte offset {offset} with byte strides "
+                f"{found}, expected {offsets[part]} and {strides}"
+            )
+    if base.data_ptr() % 16 or any(s % 16 for s in strides):
+        raise ValueError(f"{name} records must be 16-byte aligned, got strides {strides}")
+    return strides
+
+
 def cache_launch_args(
     keys: PackedKeys,
     values: PackedValues | torch.Tensor,
@@ -378,6 +654,8 @@ def cache_launch_args(
     """Pointer/stride arguments and constexprs that address one layer's compact cache.
 
     Shared by the decode and extend launchers, whose kernels take the arguments in this order.
+    ``keys`` / compressed ``values`` are the pool's typed views into its records; the kernels get
+    each record buffer's first byte (the ``kept`` view) and the record layout as constexprs.
     Tiles are rebuilt in the cache dtype, or in the query's dtype for an FP8 cache.
     """
     head_dim = keys.mask.shape[-1] * 32
@@ -385,39 +663,51 @@ def cache_launch_args(
     if mean != (keys.fill is not None):
         raise ValueError("PackedKeys.sign and PackedKeys.fill must both be set ('mean') or both None")
     packed_values = isinstance(values, PackedValues)
-    for name, t in (("keys.kept", keys.kept), ("keys.mask", keys.mask), ("window_stats", window_stats)):
-        _check_last_dim_contiguous(name, t)
-    v_data = values.kept if packed_values else values
-    _check_last_dim_contiguous("values", v_data)
+    value_dim = values.mask.shape[-1] * 32 if packed_values else values.shape[-1]
+    layout = SlotLayout(
+        head_dim=head_dim,
+        dtype=keys.kept.dtype,
+        key_kept=keys.kept.shape[-1],
+        value_kept=values.kept.shape[-1] if packed_values else value_dim,
+        recovery="mean" if mean else "zero",
+        values_compressed=packed_values,
+    )
+    key_offsets = {"kept": 0, "mask": layout.key_mask_offset, "sign": layout.key_sign_offset,
+                   "fill": layout.key_fill_offset}  # fmt: skip
+    k_strides = _record_strides("keys", keys._asdict(), key_offsets)
     if packed_values:
-        _check_last_dim_contiguous("values.mask", values.mask)
-        v_mask, v_fill, value_dim = values.mask, values.fill, values.mask.shape[-1] * 32
+        value_offsets = {"kept": 0, "mask": layout.value_mask_offset, "fill": layout.value_fill_offset}
+        v_data, v_strides = values.kept, _record_strides("values", values._asdict(), value_offsets)
     else:
-        v_mask, v_fill, value_dim = values, values, values.shape[-1]
-    # Unused operands ("zero" recovery, dense values) point at a live tensor; never read.
-    k_sign = keys.sign if mean else keys.mask
-    k_fill = keys.fill if mean else keys.mask
-    is_fp8 = keys.kept.dtype in FP8_DTYPES
+        _check_last_dim_contiguous("values", values)
+        v_data, v_strides = values, (values.stride(0), values.stride(1))
+    _check_last_dim_contiguous("window_stats", window_stats)
+    if window_stats.shape[0] == 0:
+        raise ValueError("window_stats has no rows")
+    is_fp8 = layout.is_fp8
     compute = query_dtype if is_fp8 else keys.kept.dtype
     args = [
-        keys.kept, keys.kept.stride(0), keys.kept.stride(1),
-        keys.mask, keys.mask.stride(0), keys.mask.stride(1),
-        k_sign, k_sign.stride(0), k_sign.stride(1),
-        k_fill, k_fill.stride(0), k_fill.stride(1),
-        v_data, v_data.stride(0), v_data.stride(1),
-        v_mask, v_mask.stride(0), v_mask.stride(1),
-        v_fill, v_fill.stride(0), v_fill.stride(1),
-        window_stats, window_stats.stride(0), window_stats.stride(2),
+        keys.kept, *k_strides,
+        v_data, *v_strides,
+        window_stats, window_stats.stride(0), window_stats.stride(2), window_stats.shape[0],
         slot_rows, float(k_scale), float(v_scale),
     ]  # fmt: skip
     constexprs = dict(
         D=head_dim,
         DV=value_dim,
+        KEPT=layout.key_kept,
+        K_MASK_OFF=layout.key_mask_offset,
+        K_SIGN_OFF=layout.key_sign_offset,
+        K_FILL_OFF=layout.key_fill_offset,
+        SIGN_WORDS=layout.sign_words,
         MEAN_RECOVERY=mean,
         VALUES_PACKED=packed_values,
-        SIGN_WORDS=k_sign.shape[-1] if mean else 0,
+        V_KEPT=layout.value_kept,
+        V_MASK_OFF=layout.value_mask_offset if packed_values else 0,
+        V_FILL_OFF=layout.value_fill_offset if packed_values else 0,
         IS_FP8=is_fp8,
         COMPUTE_DTYPE=_TL_DTYPES[compute],
+        OUT_MAX=torch.finfo(compute).max,
         DOT_PRECISION="ieee" if compute == torch.float32 else "tf32",
     )
     return args, constexprs
@@ -427,6 +717,27 @@ def _device_sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # the CPU interpreter: any nominal count
+#: Registers per thread the split kernel is compiled for: 16 resident warps per SM (4 CTAs of 4
+#: warps) on sm_80/sm_90, whose 65536 registers per SM the rebuilt tiles would otherwise fill.
+MAX_REGISTERS = 128
+#: Measured residency (CTAs per SM) of compiled split kernels, by ``(device, geometry)``.
+_RESIDENCY: dict[tuple, int] = {}
+
+
+def ctas_per_sm(device: torch.device, registers: int, shared: int, num_warps: int) -> int:
+    """Resident CTAs per SM of a kernel: the least of what registers (allocated per warp in units
+    of 256), shared memory (plus 1 KiB reserved per CTA), warps and the CTA limit allow."""
+    props = torch.cuda.get_device_properties(device)
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    limits = [
+        getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps),
+        props.max_threads_per_multi_processor // (32 * num_warps),
+        32,
+    ]
+    if shared:
+        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        limits.append(smem // (-(-shared // 128) * 128 + 1024))
+    return max(1, min(limits))
 
 
 class SparKDecodeWrapper:
@@ -445,12 +756,15 @@ class SparKDecodeWrapper:
         device: where the scratch lives.
         max_splits: upper bound of KV splits per request.
         num_sms: multiprocessor count used to size the grid (default: the device's).
-        block_n: KV slots per tile (default 32 for ``D <= 128``, else 16).
-        num_warps: warps of the split kernel (default 4).
+        block_n: KV slots per tile (default 64 for ``D <= 64``, else 32).
+        num_warps: warps of the split kernel (default 4, 8 for ``D > 128``).
         min_split_len: fewest slots worth a split of their own (default ``4 * block_n``).
 
-    The grid's split axis is ``min(max_splits, cdiv(4 * num_sms, batch * num_kv_heads))``,
-    fixed by the batch size alone, so replays keep a static grid.
+    The grid's split axis is ``min(max_splits, cdiv(R * num_sms, batch * num_kv_heads))`` with
+    ``R`` the split kernel's residency in CTAs per SM: measured from the compiled kernel once one
+    has run on the device (``ctas_per_sm``), before that what ``MAX_REGISTERS`` allows (4 for 4
+    warps). A wrapper fixes the split axis of a batch size at its first ``plan`` of that size, so
+    CUDA-graph replays keep a static grid and scratch.
     """
 
     def __init__(
@@ -464,7 +778,7 @@ class SparKDecodeWrapper:
         max_splits: int = 32,
         num_sms: int | None = None,
         block_n: int | None = None,
-        num_warps: int = 4,
+        num_warps: int | None = None,
         min_split_len: int | None = None,
     ):
         if num_qo_heads % num_kv_heads:
@@ -478,17 +792,31 @@ class SparKDecodeWrapper:
         self.device = torch.device(device)
         self.max_splits = max_splits
         self.num_sms = num_sms or _device_sm_count(self.device)
-        self.block_n = block_n or (32 if head_dim <= 128 else 16)
-        self.num_warps = num_warps
+        self.block_n = block_n or (64 if head_dim <= 64 else 32)
+        self.num_warps = num_warps or (4 if head_dim <= 128 else 8)
         self.min_split_len = min_split_len or 4 * self.block_n
+        self._geometry = (self.device, head_dim, self.v_head_dim, self.block_n, num_warps)
+        self._grid_by_batch: dict[int, int] = {}
         self._batch = -1
         self._grid_splits = 0
         self._mid_o = self._mid_lse = self._num_splits = self._lse = None
         self._kv_indptr = self._kv_indices = None
 
+    @property
+    def ctas_per_sm(self) -> int:
+        """Residency of the split kernel: measured once it ran on this device, else the register
+        bound ``MAX_REGISTERS`` sets."""
+        measured = _RESIDENCY.get(self._geometry)
+        if measured:
+            return measured
+        return max(1, min(65536 // (MAX_REGISTERS * 32 * self.num_warps), 64 // self.num_warps))
+
     def grid_splits(self, batch: int) -> int:
-        """Size of the grid's split axis for a batch size."""
-        return max(1, min(self.max_splits, -(-4 * self.num_sms // (batch * self.num_kv_heads))))
+        """Size of the grid's split axis for a batch size (fixed at its first ``plan``)."""
+        if batch in self._grid_by_batch:
+            return self._grid_by_batch[batch]
+        programs = self.ctas_per_sm * self.num_sms
+        return max(1, min(self.max_splits, -(-programs // (batch * self.num_kv_heads))))
 
     def plan(
         self,
@@ -507,8 +835,8 @@ class SparKDecodeWrapper:
                 ``run`` reads their contents at launch time.
             seq_lens_cpu: ``[B]`` KV lengths on the host; without it they are read from
                 ``kv_indptr`` (a device-to-host copy).
-            split_len: slots per split; by default about ``4 * num_sms`` programs in all, and
-                at least ``min_split_len`` slots per split.
+            split_len: slots per split; by default the work spread over one resident wave of
+                programs (``ctas_per_sm * num_sms``), and at least ``min_split_len`` slots.
         """
         if seq_lens_cpu is None:
             indptr = kv_indptr.to("cpu", torch.int64)
@@ -517,10 +845,10 @@ class SparKDecodeWrapper:
         batch = lens.numel()
         if kv_indptr.numel() != batch + 1:
             raise ValueError(f"kv_indptr has {kv_indptr.numel()} entries for a batch of {batch}")
-        grid_splits = self.grid_splits(batch)
+        grid_splits = self._grid_by_batch.setdefault(batch, self.grid_splits(batch))
         if split_len is None:
             work = int(lens.sum()) * self.num_kv_heads
-            split_len = max(self.min_split_len, -(-work // (4 * self.num_sms)))
+            split_len = max(self.min_split_len, -(-work // (self.ctas_per_sm * self.num_sms)))
         split_len = -(-split_len // self.block_n) * self.block_n
         splits = (-(-lens // split_len)).clamp(1, grid_splits).to(torch.int32)
 
@@ -605,7 +933,7 @@ class SparKDecodeWrapper:
             )
         group = self.num_qo_heads // self.num_kv_heads
         mid_o, mid_lse = self._mid_o, self._mid_lse
-        _decode_split_kernel[(batch, self.num_kv_heads, self._grid_splits)](
+        compiled = _decode_split_kernel[(batch, self.num_kv_heads, self._grid_splits)](
             q, q.stride(0), q.stride(1),
             *cache_args,
             self._kv_indptr, self._kv_indices, self._num_splits,
@@ -617,8 +945,13 @@ class SparKDecodeWrapper:
             BLOCK_N=self.block_n,
             HAS_CAP=logit_cap > 0,
             num_warps=self.num_warps,
+            maxnreg=MAX_REGISTERS,
             **constexprs,
         )  # fmt: skip
+        if self.device.type == "cuda" and self._geometry not in _RESIDENCY:
+            _RESIDENCY[self._geometry] = ctas_per_sm(
+                self.device, compiled.n_regs, compiled.metadata.shared, self.num_warps
+            )
         _merge_splits_kernel[(batch, self.num_qo_heads)](
             mid_o, mid_lse, mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2),
             self._kv_indptr, self._num_splits,

@@ -1,12 +1,15 @@
 """Extend (prefill) attention: new tokens over their request's compact prefix and causally over
 themselves, in one fused kernel.
 
-Grid ``(cdiv(max_q_len, BLOCK_M), Hq, batch)``; a program holds ``BLOCK_M`` queries of one head
-and keeps one online softmax across two stages:
+Grid ``(cdiv(max_q_len, BLOCK_M), Hkv, batch)``. A program holds ``BLOCK_M`` queries of all ``G``
+query heads of one KV group, stacked as ``G_pad * BLOCK_M`` rows (``G_pad``: ``G`` rounded up to
+a power of two; row ``r`` is query ``r // G_pad``, head ``r % G_pad``), and keeps one online
+softmax across two stages:
 
 1. the request's prefix slots, read in the compact layout and rebuilt in registers ``BLOCK_N``
-   slots at a time (``decode.rebuild_keys`` / ``decode.rebuild_values``); every query sees the
-   whole prefix;
+   slots at a time by ``decode.fold_tile`` (the same tile rebuild as decode, one window row's run
+   at a time); every query sees the whole prefix. A rebuilt tile serves all ``G`` heads, so the
+   rebuild is paid once per KV head, not once per query head;
 2. the new tokens' dense keys/values, causally: query ``i`` of the extend sees new tokens
    ``j <= i``.
 
@@ -23,22 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import cache_launch_args, rebuild_keys, rebuild_values, soft_cap
+from .decode import cache_launch_args, fold_slots, soft_cap
 from .layout import FP8_DTYPES
 from .reference import PackedKeys, PackedValues
 
 __all__ = ["extend_attention"]
-
-
-@triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    """Fold masked logits ``s [M, N]`` (float32, ``-inf`` = hidden) and values ``v [N, DV]``."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -57,30 +49,16 @@ def _extend_kernel(
     stride_o_h,
     Lse,
     stride_lse_t,
-    KKept,
-    stride_kk_s,
-    stride_kk_h,
-    KMask,
-    stride_km_s,
-    stride_km_h,
-    KSign,
-    stride_ks_s,
-    stride_ks_h,
-    KFill,
-    stride_kf_s,
-    stride_kf_h,
+    KRec,
+    stride_k_s,
+    stride_k_h,
     V,
     stride_v_s,
     stride_v_h,
-    VMask,
-    stride_vm_s,
-    stride_vm_h,
-    VFill,
-    stride_vf_s,
-    stride_vf_h,
     Stats,
     stride_st_r,
     stride_st_h,
+    num_rows,
     SlotRows,
     k_scale,
     v_scale,
@@ -90,114 +68,110 @@ def _extend_kernel(
     sm_scale,
     logit_cap,
     GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
+    KEPT: tl.constexpr,
+    K_MASK_OFF: tl.constexpr,
+    K_SIGN_OFF: tl.constexpr,
+    K_FILL_OFF: tl.constexpr,
+    SIGN_WORDS: tl.constexpr,
     MEAN_RECOVERY: tl.constexpr,
     VALUES_PACKED: tl.constexpr,
-    SIGN_WORDS: tl.constexpr,
+    V_KEPT: tl.constexpr,
+    V_MASK_OFF: tl.constexpr,
+    V_FILL_OFF: tl.constexpr,
     IS_FP8: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    OUT_MAX: tl.constexpr,
     HAS_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """One program: queries ``[BLOCK_M * program_id(0), +BLOCK_M)`` of request ``program_id(2)``,
+    all query heads of KV head ``program_id(1)``; the compact prefix, then the new tokens."""
     m_block = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_start = tl.load(qo_indptr + batch).to(tl.int64)
-    q_len = tl.load(qo_indptr + batch + 1).to(tl.int64) - q_start
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start = tl.load(qo_indptr + batch)
+    q_len = tl.load(qo_indptr + batch + 1) - q_start
     if m_block * BLOCK_M >= q_len:
         return
-    prefix_start = tl.load(prefix_indptr + batch).to(tl.int64)
-    prefix_len = tl.load(prefix_indptr + batch + 1).to(tl.int64) - prefix_start
-    kv_head = head // GROUP
+    prefix_start = tl.load(prefix_indptr + batch)
+    prefix_len = tl.load(prefix_indptr + batch + 1) - prefix_start
 
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < q_len
+    ROWS: tl.constexpr = GROUP_PAD * BLOCK_M
+    offs_r = tl.arange(0, ROWS)
+    query = m_block * BLOCK_M + offs_r // GROUP_PAD  # within the request's new tokens
+    head = kv_head * GROUP + offs_r % GROUP_PAD
+    mask_r = (query < q_len) & (offs_r % GROUP_PAD < GROUP)
+    tokens = (q_start + query).to(tl.int64)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
     q = tl.load(
-        Q + (q_start + offs_m[:, None]) * stride_q_t + head * stride_q_h + offs_d[None, :],
-        mask=mask_m[:, None],
+        Q + tokens[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
+        mask=mask_r[:, None],
         other=0.0,
     ).to(COMPUTE_DTYPE)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, DV], tl.float32)
 
     # Stage 1: the compact prefix, visible to every query.
-    for start in tl.range(0, prefix_len, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < prefix_len
-        slots = tl.load(prefix_indices + prefix_start + offs_n, mask=mask_n, other=0).to(tl.int64)
-        k = rebuild_keys(
-            slots, mask_n, kv_head,
-            KKept, stride_kk_s, stride_kk_h,
-            KMask, stride_km_s, stride_km_h,
-            KSign, stride_ks_s, stride_ks_h,
-            KFill, stride_kf_s, stride_kf_h,
-            Stats, stride_st_r, stride_st_h, SlotRows, k_scale,
-            COMPUTE_DTYPE, BLOCK_N, D, MEAN_RECOVERY, SIGN_WORDS, IS_FP8,
-        )  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
-        if HAS_CAP:
-            s = soft_cap(s, logit_cap)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        v = rebuild_values(
-            slots, mask_n, kv_head,
-            V, stride_v_s, stride_v_h,
-            VMask, stride_vm_s, stride_vm_h,
-            VFill, stride_vf_s, stride_vf_h, v_scale,
-            COMPUTE_DTYPE, BLOCK_N, DV, VALUES_PACKED, IS_FP8,
-        )  # fmt: skip
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+    m_i, l_i, acc = fold_slots(
+        q, m_i, l_i, acc, prefix_indices + prefix_start, 0, prefix_len, kv_head, KRec, stride_k_s,
+        stride_k_h, V, stride_v_s, stride_v_h, Stats, stride_st_r, stride_st_h, num_rows, SlotRows,
+        k_scale, v_scale, sm_scale, logit_cap, BLOCK_N, D, DV, KEPT, K_MASK_OFF, K_SIGN_OFF,
+        K_FILL_OFF, SIGN_WORDS, MEAN_RECOVERY, VALUES_PACKED, V_KEPT, V_MASK_OFF, V_FILL_OFF, IS_FP8,
+        COMPUTE_DTYPE, OUT_MAX, HAS_CAP, DOT_PRECISION,
+    )  # fmt: skip
 
     # Stage 2: the new tokens, dense and causal; this block's last query is the bound.
     new_end = tl.minimum(q_len, (m_block + 1) * BLOCK_M)
     for start in tl.range(0, new_end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < new_end
+        in_range = offs_n < new_end
+        new_tokens = (q_start + offs_n).to(tl.int64)
         k = tl.load(
-            KNew
-            + (q_start + offs_n[:, None]) * stride_kn_t
-            + kv_head * stride_kn_h
-            + offs_d[None, :],
-            mask=mask_n[:, None],
+            KNew + new_tokens[:, None] * stride_kn_t + kv_head * stride_kn_h + offs_d[None, :],
+            mask=in_range[:, None],
             other=0.0,
         ).to(COMPUTE_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         if HAS_CAP:
             s = soft_cap(s, logit_cap)
         # Key 0 is visible to every row (padding rows included), so no row is all -inf.
-        visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
+        visible = in_range[None, :] & (offs_n[None, :] <= query[:, None])
         s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(
-            VNew
-            + (q_start + offs_n[:, None]) * stride_vn_t
-            + kv_head * stride_vn_h
-            + offs_dv[None, :],
-            mask=mask_n[:, None],
+            VNew + new_tokens[:, None] * stride_vn_t + kv_head * stride_vn_h + offs_dv[None, :],
+            mask=in_range[:, None],
             other=0.0,
         ).to(COMPUTE_DTYPE)
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
 
-    rows = q_start + offs_m
     tl.store(
-        Out + rows[:, None] * stride_o_t + head * stride_o_h + offs_dv[None, :],
+        Out + tokens[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_dv[None, :],
         (acc / l_i[:, None]).to(Out.dtype.element_ty),
-        mask=mask_m[:, None],
+        mask=mask_r[:, None],
     )
-    tl.store(Lse + rows * stride_lse_t + head, m_i + tl.log(l_i), mask=mask_m)
+    tl.store(Lse + tokens * stride_lse_t + head, m_i + tl.log(l_i), mask=mask_r)
 
 
-def _default_blocks(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): the rebuilt key tile and its bit/rank temporaries live in
-    registers next to the query tile, so tiles are smaller than a dense kernel's."""
-    if head_dim <= 128:
-        return 64, 32, 4
-    return 32, 16, 8
+def default_blocks(head_dim: int, group: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): 128 query rows (``G_pad * BLOCK_M``) and 64 slots per tile,
+    as SGLang's extend on sm_90, so a rebuilt prefix tile is shared by as many rows as its dense
+    tiles are; 64 rows and 32 slots for ``D > 128`` (registers)."""
+    rows, block_n = (128, 64) if head_dim <= 128 else (64, 32)
+    num_warps = 4 if head_dim <= 64 else 8
+    return max(1, rows // triton.next_power_of_2(group)), block_n, num_warps
 
 
 def extend_attention(
@@ -240,7 +214,8 @@ def extend_attention(
         sm_scale: logit scale (default ``1/sqrt(D)``); logit_cap: ``cap * tanh(x / cap)`` when > 0.
         out: ``[Nq, Hq, Dv]`` buffer (default: new, q's dtype); lse: ``[Nq, Hq]`` float32 buffer
             for the natural-log LSE (default: new).
-        block_m, block_n, num_warps: tile overrides (queries per program, slots per KV tile).
+        block_m, block_n, num_warps: tile overrides (queries per program, each with all ``G``
+            heads of its KV group; slots per KV tile).
         k_scale, v_scale: an FP8 cache's dequantisation scales (ignored otherwise).
 
     Returns:
@@ -277,9 +252,12 @@ def extend_attention(
     batch = qo_indptr.numel() - 1
     if num_q == 0 or batch == 0 or max_q_len == 0:
         return out, lse
-    default_m, default_n, default_warps = _default_blocks(head_dim)
+    group = num_qo_heads // num_kv_heads
+    default_m, default_n, default_warps = default_blocks(head_dim, group)
     block_m, block_n = block_m or default_m, block_n or default_n
-    _extend_kernel[(triton.cdiv(max_q_len, block_m), num_qo_heads, batch)](
+    group_pad = triton.next_power_of_2(group)
+    block_m = max(block_m, -(-16 // group_pad))  # tl.dot needs 16 query rows
+    _extend_kernel[(triton.cdiv(max_q_len, block_m), num_kv_heads, batch)](
         q, q.stride(0), q.stride(1),
         k, k.stride(0), k.stride(1),
         v, v.stride(0), v.stride(1),
@@ -289,7 +267,8 @@ def extend_attention(
         qo_indptr, prefix_indptr, prefix_indices,
         sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim),
         float(logit_cap),
-        GROUP=num_qo_heads // num_kv_heads,
+        GROUP=group,
+        GROUP_PAD=group_pad,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         HAS_CAP=logit_cap > 0,

@@ -49,25 +49,42 @@ def _scatter(shape, fill, live, data):
     return out
 
 
+def window_row_runs(gen, n, num_rows, longest=40):
+    """``[n]`` int32 window rows in runs of 1 to ``longest`` slots, as compression events give them
+    (one row per request extend); short runs put several rows in one kernel tile."""
+    rows, done = [], 0
+    while done < n:
+        run = int(torch.randint(1, longest + 1, (1,), generator=gen))
+        rows += [int(torch.randint(0, num_rows, (1,), generator=gen))] * run
+        done += run
+    return torch.tensor(rows[:n], dtype=torch.int32)
+
+
 def build_cache(
-    gen, num_slots, live, num_heads, head_dim, dtype, key_ratio, recovery, value_ratio, num_rows=3, scale=1.0
-):
+    gen, num_slots, live, num_heads, head_dim, dtype, key_ratio, recovery, value_ratio, num_rows=3, scale=1.0,
+    rows=None, stats=None,
+):  # fmt: skip
     """Pack random keys/values of the ``live`` slots with the reference into the pool's records
     (kernels/layout.py); every other slot's record is poisoned (0xFF bytes: NaN entries, all-ones
     bitmaps) and one window row only they point at holds NaN. ``dtype`` is the cache dtype (FP8:
-    entries stored as ``x / scale``)."""
+    entries stored as ``x / scale``). ``rows``: the live slots' window rows (default: runs, in the
+    order of ``live``, see ``window_row_runs``); ``stats``: the ``[num_rows + 1, 2, H, D]`` window
+    statistics (default random, window channels that never fired at 0)."""
     lay = reference.SparKConfig(key_ratio=key_ratio, value_ratio=value_ratio, recovery=recovery).layout(
         head_dim, dtype
     )
     model_dtype = torch.float32 if lay.is_fp8 else dtype
     keys = torch.randn(len(live), num_heads, head_dim, generator=gen).to(model_dtype)
     values = torch.randn(len(live), num_heads, head_dim, generator=gen).to(model_dtype)
-    stats = torch.rand(num_rows + 1, 2, num_heads, head_dim, generator=gen) + 0.05
-    stats[:, 0, :, ::7] = 0  # window channels that never fired recover to 0
+    if stats is None:
+        stats = torch.rand(num_rows + 1, 2, num_heads, head_dim, generator=gen) + 0.05
+        stats[:, 0, :, ::7] = 0  # window channels that never fired recover to 0
+    stats = stats.clone()
     stats[num_rows] = float("nan")
     stats = stats.to(layout.STATS_DTYPE)
+    live_rows = window_row_runs(gen, len(live), num_rows) if rows is None else rows
     rows = torch.full((num_slots,), num_rows, dtype=torch.int32)
-    rows[live] = torch.randint(0, num_rows, (len(live),), generator=gen, dtype=torch.int32)
+    rows[live] = live_rows
     norm = stats[rows[live].long(), 0]
 
     (k_raw, v_raw), packed_keys, packed_values = poisoned_records(lay, num_slots, num_heads)
@@ -209,14 +226,11 @@ def test_decode_matches_reference(
         num_heads, num_kv_heads, head_dim, device=DEVICE, block_n=BLOCK_N, num_sms=10
     )
     wrapper.plan(indptr.to(DEVICE), indices.to(DEVICE), split_len=BLOCK_N)
-    # The last request is clamped to the grid's 4 splits of 2 tiles each: the 4th is empty.
-    assert wrapper.grid_splits(len(lens)) == 4 and wrapper.num_splits.cpu().tolist() == [
-        1,
-        1,
-        2,
-        1,
-        4,
-    ]
+    # The last request is clamped to the grid's splits (4 with 4 warps, 2 with D 256's 8 warps),
+    # of 2 or more tiles each: its last split is empty with 4.
+    grid = wrapper.grid_splits(len(lens))
+    assert grid == (2 if head_dim > 128 else 4)
+    assert wrapper.num_splits.cpu().tolist() == [max(1, min(grid, -(-n // BLOCK_N))) for n in lens]
     out, lse = poisoned_outputs(len(lens), num_heads, head_dim, query_dtype(dtype))
     wrapper.run(
         q.to(DEVICE), cache.keys, cache.values, cache.window_stats, cache.slot_rows,
@@ -246,7 +260,7 @@ def test_decode_many_splits(request):
         group, num_kv_heads, head_dim, device=DEVICE, num_sms=4, min_split_len=32
     )
     wrapper.plan(indptr.to(DEVICE), indices.to(DEVICE))
-    assert wrapper.num_splits.item() == 10  # cdiv(300, 32) under a grid of 16
+    assert wrapper.num_splits.item() == 5  # cdiv(300, 64): tiles of 64 slots at D 64, a grid of 16
     out, lse = poisoned_outputs(1, group, head_dim, dtype)
     wrapper.run(
         q.to(DEVICE),
@@ -257,6 +271,29 @@ def test_decode_many_splits(request):
         out=out,
         lse=lse,
     )
+    expect = reference_decode(q, cache, indptr, indices, 1 / math.sqrt(head_dim), 0.0)
+    assert_close_to_reference(out, lse, *expect, dtype)
+
+
+def test_decode_rows_change_every_slot(request):
+    """Window rows that change at every slot (real rows come in long runs; the kernel rebuilds a
+    tile once per run it holds): still the reference's result, with splits cutting the runs."""
+    gen = generator(request)
+    num_kv_heads, group, head_dim, dtype = 2, 2, 64, torch.float32
+    lens = [2 * BLOCK_N + 5, 3]
+    indptr, indices, num_slots = paged_batch(gen, lens, 1)
+    rows = (torch.arange(len(indices)) % 3).to(torch.int32)
+    cache = build_cache(
+        gen, num_slots, indices, num_kv_heads, head_dim, dtype, 0.5, "mean", 0.0, rows=rows
+    )
+    q = torch.randn(len(lens), group * num_kv_heads, head_dim, generator=gen)
+    wrapper = decode.SparKDecodeWrapper(
+        group * num_kv_heads, num_kv_heads, head_dim, device=DEVICE, block_n=BLOCK_N, num_sms=4
+    )
+    wrapper.plan(indptr.to(DEVICE), indices.to(DEVICE), split_len=BLOCK_N)
+    out, lse = poisoned_outputs(len(lens), group * num_kv_heads, head_dim, dtype)
+    args = (cache.keys, cache.values, cache.window_stats, cache.slot_rows)
+    wrapper.run(q.to(DEVICE), *args, out=out, lse=lse)
     expect = reference_decode(q, cache, indptr, indices, 1 / math.sqrt(head_dim), 0.0)
     assert_close_to_reference(out, lse, *expect, dtype)
 
