@@ -13,7 +13,8 @@ length and batch size, in the same process and on the same prompts:
 Medians over ``--repeats``, then SparK / dense ratios. Client-side wall times: they include the
 engine's scheduling and IPC, the same for both backends.
 
-    python benchmarks/bench_cpu.py [--contexts 512,2048,8000] [--batches 1,8] [--repeats 3] [--out docs/bench_cpu.md]
+    python benchmarks/bench_cpu.py [--contexts 512,2048,8000] [--batches 1,8] [--max-batch-tokens 16384]
+                                   [--repeats 3] [--out docs/bench_cpu.md]
 """
 
 from __future__ import annotations
@@ -57,10 +58,15 @@ def measure(engine, tokenizer, context: int, batch: int, repeats: int) -> dict:
     return {"prefill": statistics.median(prefill), "decode": statistics.median(decode)}
 
 
+def shapes(args) -> list[tuple[int, int]]:
+    """(context, batch) pairs measured: those within ``--max-batch-tokens`` prompt tokens."""
+    return [(c, b) for c in args.contexts for b in args.batches if c * b <= args.max_batch_tokens]
+
+
 def run_backend(backend: str, args, **options) -> dict:
     import sglang as sgl
 
-    tokens = max(args.contexts) * max(args.batches) + 4 * 1024
+    tokens = max(c * b for c, b in shapes(args)) + 4 * 1024
     engine = sgl.Engine(model_path=args.model_path, device="cpu", attention_backend=backend, dtype="float32",
                         disable_cuda_graph=True, max_total_tokens=tokens, mem_fraction_static=0.3,
                         chunked_prefill_size=-1, random_seed=0, log_level="error", sleep_on_idle=True,
@@ -68,7 +74,7 @@ def run_backend(backend: str, args, **options) -> dict:
     try:
         tokenizer = engine.tokenizer_manager.tokenizer
         timed(engine, prompts(tokenizer, 64, 1), 2)  # warm-up
-        return {(c, b): measure(engine, tokenizer, c, b, args.repeats) for c in args.contexts for b in args.batches}
+        return {(c, b): measure(engine, tokenizer, c, b, args.repeats) for c, b in shapes(args)}
     finally:
         engine.shutdown()
 
@@ -77,7 +83,7 @@ def table(dense: dict, spark: dict, args) -> str:
     lines = [
         f"SmolLM2-135M-Instruct, float32, CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); SparK key ratio {args.key_ratio}; "
-        f"medians of {args.repeats}; seconds.",
+        f"medians of {args.repeats}; seconds; context x batch above {args.max_batch_tokens} tokens not run.",
         "",
         "| context | batch | prefill dense | prefill SparK | ratio | decode step dense | decode step SparK | ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -95,6 +101,8 @@ def main(argv=None) -> str:
     parser.add_argument("--contexts", default="512,2048,8000", help="8000: SmolLM2 holds 8192 tokens in all")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-batch-tokens", type=int, default=16384,
+                        help="skip context x batch above this (8 x 8000 tokens prefill for minutes on 2 cores)")
     parser.add_argument("--key-ratio", type=float, default=0.5)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
