@@ -96,10 +96,23 @@ def _head_major(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, slots).transpose(0, 1).contiguous()
 
 
-def _place(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """``values [..., n]`` (float32) placed, in order, on the True entries of ``where [..., D]``
-    (n of them per row); 0 elsewhere."""
-    return torch.zeros(where.shape, dtype=torch.float32, device=where.device).masked_scatter_(where, values)
+def _ranks(keep: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` int64: kept channels before each channel (a kept channel's index among the
+    kept entries; a pruned channel ``c``'s index among the pruned ones is ``c`` minus it)."""
+    kept_before = torch.cumsum(keep, dim=-1)
+    return kept_before.sub_(keep.long())
+
+
+def sane_bitmaps(keep: torch.Tensor, kept: int) -> torch.Tensor:
+    """``[...]`` bool: bitmaps ``keep [..., D]`` with at most ``kept`` bits set. A corrupt one reads
+    as all-pruned, as in the Triton kernels (``decode._bitmaps``)."""
+    return keep.sum(dim=-1) <= kept
+
+
+def _spread(entries: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``entries [..., n]`` read at ``index [..., D]`` (clamped into the row: the entries read for
+    channels of the other kind are discarded by the caller's select)."""
+    return entries.gather(-1, index.clamp(max=entries.shape[-1] - 1))
 
 
 def unpack_slots(
@@ -122,11 +135,14 @@ def unpack_slots(
         return from_storage(k, k_scale).to(dtype), from_storage(v, v_scale).to(dtype)
     dtype = output_dtype(keys.kept.dtype)
     keep = words_to_bits(_head_major(keys.mask, slots))
-    k = _place(from_storage(_head_major(keys.kept, slots), k_scale), keep)
-    if keys.sign is not None:
-        num_pruned = keep.shape[-1] - keys.kept.shape[-1]
+    keep &= sane_bitmaps(keep, keys.kept.shape[-1])[..., None]
+    rank = _ranks(keep)
+    k = _spread(from_storage(_head_major(keys.kept, slots), k_scale).float(), rank)
+    num_pruned = keep.shape[-1] - keys.kept.shape[-1]
+    if keys.sign is not None and num_pruned:
         sign_bits = words_to_bits(_head_major(keys.sign, slots))[..., :num_pruned]
-        negative = torch.zeros_like(keep).masked_scatter_(~keep, sign_bits)
+        pruned_rank = torch.arange(keep.shape[-1], device=keep.device) - rank
+        negative = _spread(sign_bits, pruned_rank)
         # Qn^-1/2 of each distinct window row once, then one gather per token.
         rows, row_of_slot = torch.unique(slot_rows.index_select(0, slots), return_inverse=True)
         inv_norm = rsqrt_or_zero(window_stats[rows.long(), 0].float()).transpose(0, 1)  # [H, U, D]
@@ -135,9 +151,12 @@ def unpack_slots(
         if dtype != torch.float32:  # a recovered fp16 key may exceed the range: clamp, as the reference
             recovered = recovered.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
         k = torch.where(keep, k, recovered)
+    elif num_pruned:  # "zero" recovery
+        k = k.masked_fill_(~keep, 0.0)
     if isinstance(values, PackedValues):
         keep_v = words_to_bits(_head_major(values.mask, slots))
-        v = _place(from_storage(_head_major(values.kept, slots), v_scale), keep_v)
+        keep_v &= sane_bitmaps(keep_v, values.kept.shape[-1])[..., None]
+        v = _spread(from_storage(_head_major(values.kept, slots), v_scale).float(), _ranks(keep_v))
         v = torch.where(keep_v, v, _head_major(values.fill, slots).float()[..., None])
     else:
         v = from_storage(_head_major(values, slots), v_scale)

@@ -200,12 +200,20 @@ def test_words_to_bits_matches_reference():
     assert torch.equal(torch_path.words_to_bits(words), reference.words_to_bits(words))
 
 
-def test_corrupt_bitmap_fails_safely():
-    """A bitmap with more set bits than kept entries raises instead of reading past the slot."""
+def test_corrupt_bitmap_reads_as_all_pruned_and_stays_in_its_slot():
+    """A bitmap with more set bits than kept entries reads as all-pruned (as the Triton kernels do):
+    no read leaves the slot, the output stays finite and other requests are untouched."""
     gen = torch.Generator().manual_seed(1)
     cache = build_cache(gen, 8, torch.arange(8), 1, 64, torch.float32, 0.5, "mean", 0.0)
-    cache.keys.mask[3, 0, 0] = -1  # 32 + popcount(word 1) > 32 kept entries
+    q = torch.randn(2, 2, 64, generator=gen)
     wrapper = torch_path.TorchDecodeWrapper(2, 1, 64)
-    wrapper.plan(_indptr([8]), torch.arange(8))
-    with pytest.raises(RuntimeError):
-        wrapper.run(torch.zeros(1, 2, 64), cache.keys, cache.values, cache.window_stats, cache.slot_rows)
+    wrapper.plan(_indptr([4, 4]), torch.arange(8))
+    args = (cache.values, cache.window_stats, cache.slot_rows)
+    clean_out, _ = wrapper.run(q, cache.keys, *args)
+    clean_out = clean_out.clone()
+    cache.keys.mask[5, 0, 0] = -1  # 32 + popcount(word 1) > 32 kept entries
+    out, lse = wrapper.run(q, cache.keys, *args)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out[0], clean_out[0], rtol=0, atol=0)
+    keep = torch_path.words_to_bits(cache.keys.mask[5:6].transpose(0, 1))
+    assert not torch_path.sane_bitmaps(keep, cache.keys.kept.shape[-1]).any()
