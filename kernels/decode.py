@@ -118,53 +118,38 @@ def _lane_bits(word, j: tl.constexpr):
 
 
 @triton.jit
-def _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, j: tl.constexpr, D: tl.constexpr):
+def _rsqrt_part(Stats, base, j: tl.constexpr, D: tl.constexpr):
     offs = 32 * tl.arange(0, D // 32)[None, :, None] + 8 * tl.arange(0, 4)[None, None, :] + j
-    qn = tl.load(Stats + row * stride_st_r + kv_head * stride_st_h + offs).to(tl.float32)
+    qn = tl.load(Stats + base + offs).to(tl.float32)
     normal = qn >= MIN_NORMAL
     return tl.where(normal, tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(normal, qn, 1.0))), 0.0)
+
+
+@triton.jit
+def _rsqrt_parts(Stats, base, D: tl.constexpr):
+    """``Qn^-1/2`` of the window-statistics rows at element offsets ``base`` (a scalar, or
+    ``[BLOCK, 1, 1]``) as the 8 interleaved parts of a tile (``_interleave8``), 0 where ``Qn`` is
+    below the smallest normal float (or NaN): IEEE ``1 / sqrt``, as ``reference.rsqrt_or_zero``."""
+    return _interleave8(
+        _rsqrt_part(Stats, base, 0, D), _rsqrt_part(Stats, base, 1, D),
+        _rsqrt_part(Stats, base, 2, D), _rsqrt_part(Stats, base, 3, D),
+        _rsqrt_part(Stats, base, 4, D), _rsqrt_part(Stats, base, 5, D),
+        _rsqrt_part(Stats, base, 6, D), _rsqrt_part(Stats, base, 7, D),
+    )  # fmt: skip
 
 
 @triton.jit
 def row_rsqrt(Stats, row, stride_st_r, kv_head, stride_st_h, D: tl.constexpr):
-    """``Qn^-1/2`` of one window row and KV head as ``[1, D/32, 4, 2, 2, 2]`` float32 (the parts
-    of a tile, ``_interleave8``), 0 where ``Qn`` is below the smallest normal float (or NaN):
-    IEEE ``1 / sqrt``, as ``reference.rsqrt_or_zero``. Computed once per row run, not per slot."""
-    return _interleave8(
-        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 0, D),
-        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 1, D),
-        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 2, D),
-        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 3, D),
-        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 4, D),
-        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 5, D),
-        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 6, D),
-        _row_rsqrt_part(Stats, row, stride_st_r, kv_head, stride_st_h, 7, D),
-    )
-
-
-@triton.jit
-def _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, j: tl.constexpr, D: tl.constexpr):
-    offs = 32 * tl.arange(0, D // 32)[None, :, None] + 8 * tl.arange(0, 4)[None, None, :] + j
-    qn = tl.load(Stats + rows.to(tl.int64)[:, None, None] * stride_st_r + kv_head * stride_st_h + offs)
-    qn = qn.to(tl.float32)
-    normal = qn >= MIN_NORMAL
-    return tl.where(normal, tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(normal, qn, 1.0))), 0.0)
+    """``Qn^-1/2`` of one window row and KV head, ``[1, D/32, 4, 2, 2, 2]`` float32: computed once
+    per run of slots sharing the row, not per slot."""
+    return _rsqrt_parts(Stats, row * stride_st_r + kv_head * stride_st_h, D)
 
 
 @triton.jit
 def slot_rsqrt(Stats, rows, stride_st_r, kv_head, stride_st_h, D: tl.constexpr):
     """``row_rsqrt`` of each slot's own window row ``rows [BLOCK]``: ``[BLOCK, D/32, 4, 2, 2, 2]``,
     for a tile whose slots mix rows."""
-    return _interleave8(
-        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 0, D),
-        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 1, D),
-        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 2, D),
-        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 3, D),
-        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 4, D),
-        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 5, D),
-        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 6, D),
-        _slot_rsqrt_part(Stats, rows, stride_st_r, kv_head, stride_st_h, 7, D),
-    )
+    return _rsqrt_parts(Stats, rows.to(tl.int64)[:, None, None] * stride_st_r + kv_head * stride_st_h, D)
 
 
 @triton.jit
