@@ -50,7 +50,9 @@ def zen_of_python() -> str:
     return codecs.decode(encoded, "rot13")
 
 
-def engine_kwargs(model_path: str, kv_cache_dtype: str) -> dict:
+def engine_kwargs(model_path: str, kv_cache_dtype: str = "auto") -> dict:
+    """``sglang.Engine`` keywords shared by the demo and the task suite (CPU: float32, no CUDA
+    graph, a small static memory fraction)."""
     kwargs = dict(model_path=model_path, random_seed=0, log_level="error", kv_cache_dtype=kv_cache_dtype)
     if not torch.cuda.is_available():
         kwargs.update(device="cpu", dtype="float32", disable_cuda_graph=True, mem_fraction_static=0.05,

@@ -4,6 +4,7 @@ backend's CPU path, with aborts, bursts, chunked prefill and a pool small enough
 (2000 requests, beside dense) is ``docs/soak.md``."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
@@ -12,6 +13,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
 def test_quick_soak_leaks_nothing():
     spec = importlib.util.spec_from_file_location("soak", SCRIPT)
     soak = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = soak  # its dataclasses resolve their annotations through it
     spec.loader.exec_module(soak)
     (result,) = soak.main(["--quick", "--requests", "48", "--concurrency", "8"])
     stats, spark = result["stats"], result["spark"]

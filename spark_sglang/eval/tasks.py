@@ -468,7 +468,7 @@ def run_suite(model_path: str | None = None, backends: list[tuple[str, dict]] | 
 
     ``backends``: ``(name, engine keywords)`` pairs (default: dense ``triton``, then ``spark`` at key
     ratio 0.5); the first is the reference for agreement. Every engine gets
-    :func:`spark_sglang.demo.engine_kwargs` (CPU: float32, interpreter, no CUDA graph; on a GPU the
+    :func:`spark_sglang.demo.engine_kwargs` (CPU: float32, no CUDA graph; on a GPU the
     static memory fraction is left to SGLang), then ``engine_overrides``, then the backend's own.
     Greedy (temperature 0), ``max_new_tokens`` each.
 
