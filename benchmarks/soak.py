@@ -18,7 +18,7 @@ share, throughput, and, after ``flush_cache``, what came back: free slots vs poo
 borrowed window rows (SparK), NaN/inf log-probs, distinct answers within bursts. SGLang's own idle
 invariant checker runs all along (a leaked slot stops the server).
 
-    python benchmarks/soak.py                          # 2000 requests, SmolLM2 on CPU (~20-30 min)
+    python benchmarks/soak.py                          # 2000 requests, SmolLM2 on CPU (well over an hour on 2 cores)
     python benchmarks/soak.py --requests 120 --quick   # the CI-sized version
 """
 
