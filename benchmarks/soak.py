@@ -148,7 +148,8 @@ async def drive(engine, workload: Workload, requests: int, concurrency: int, see
         in_flight.add(asyncio.ensure_future(run_batch(engine, kind, prompts, params, stats, rng, counter)))
         issued += len(prompts)
         if issued // 100 != (issued - len(prompts)) // 100:  # a progress line every 100 requests
-            print(f"  {issued} requests issued, {stats.served} served, {stats.aborted} aborted", file=sys.stderr, flush=True)
+            print(f"  {issued} requests issued, {stats.served} served, {stats.aborted} aborted",
+                  file=sys.stderr, flush=True)
         if len(in_flight) >= concurrency:
             done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -175,7 +176,9 @@ def soak(name: str, backend: str, tokens: int, args, options: dict) -> dict:
     from transformers import AutoTokenizer
 
     model_path = args.model_path
-    metrics_dir = tempfile.mkdtemp(prefix="soak-metrics-")  # this run's SGLang counters (evictions, retractions)
+    # This run's SGLang counters (evictions, retractions), written by its processes into a fresh folder.
+    outer_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    metrics_dir = tempfile.mkdtemp(prefix="soak-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     engine = sgl.Engine(model_path=model_path, device="cpu", attention_backend=backend, dtype="float32",
                         disable_cuda_graph=True, max_total_tokens=tokens, mem_fraction_static=0.2,
@@ -193,8 +196,13 @@ def soak(name: str, backend: str, tokens: int, args, options: dict) -> dict:
     finally:
         engine.shutdown()
         forget_engine_metrics()
+        counters = sglang_counters(metrics_dir)
+        if outer_metrics_dir is None:  # later engines of this process start without metrics, as before
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = outer_metrics_dir
     return {"name": name, "stats": stats, "seconds": seconds, "spark": spark, "capacity": capacity,
-            "counters": sglang_counters(metrics_dir)}
+            "counters": counters}
 
 
 def forget_engine_metrics() -> None:

@@ -21,3 +21,4 @@ def test_quick_soak_leaks_nothing():
     assert stats.served > 0 and stats.bad_logprobs == 0
     assert spark["free_slots"] == spark["pool_slots"] == result["capacity"]
     assert spark["window_rows_live"] == 0
+    assert result["counters"]["sglang:num_requests_total"] > 0  # SGLang's counters were read back
