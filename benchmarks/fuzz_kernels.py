@@ -14,8 +14,8 @@ FP8 e4m3/e5m2 with a random scale), key / value ratios, the recovery, a page siz
    its own request moves) and refuses the row id (an exception), never reading outside its
    tensors; the Triton kernels must stay finite on every request that does not read that slot.
 
-The PyTorch path runs every case; the Triton kernels (``--triton N``) a sample, in the interpreter
-on a CPU. Prints a summary table; exits non-zero on the first failure with the case's seed.
+The CPU paths run every case, alternating between the PyTorch path and the C++ extension
+(kernels/cpp_path.py); the Triton kernels (``--triton N``) a sample, in the interpreter on a CPU. Prints a summary table; exits non-zero on the first failure with the case's seed.
 
     python benchmarks/fuzz_kernels.py [--cases 2000] [--triton 50] [--seed 0]
 """
@@ -35,7 +35,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from spark_sglang.kernels import layout, reference, torch_path  # noqa: E402
+from spark_sglang.kernels import cpp_path, layout, reference, torch_path  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
@@ -44,15 +44,15 @@ TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 1e-4), torch.bfl
 
 
 class Case:
-    """One random draw; ``triton`` selects the implementation under test."""
+    """One random draw; ``impl`` ("torch", "cpp" or "triton") is the implementation under test."""
 
-    def __init__(self, seed: int, triton: bool):
+    def __init__(self, seed: int, impl: str):
         rng = random.Random(seed)
-        self.seed, self.triton = seed, triton
+        self.seed, self.impl, self.triton = seed, impl, impl == "triton"
         self.head_dim = rng.choice(layout.SUPPORTED_HEAD_DIMS)
         self.kv_heads, self.group = rng.choice([1, 2, 3]), rng.choice([1, 2, 3, 4, 8])
         # The interpreter computes bf16 arithmetic wrongly: Triton cases use fp32/fp16/FP8 tiles.
-        dtypes = DTYPES if not triton or DEVICE == "cuda" else [torch.float32, torch.float16, torch.float8_e4m3fn]
+        dtypes = DTYPES if not self.triton or DEVICE == "cuda" else [torch.float32, torch.float16, torch.float8_e4m3fn]
         self.dtype = rng.choice(dtypes)
         self.scale = rng.choice([0.5, 1.0, 2.0]) if self.dtype in layout.FP8_DTYPES else 1.0
         self.config = reference.SparKConfig(
@@ -75,7 +75,7 @@ class Case:
 
     def describe(self) -> str:
         c = self.config
-        return (f"seed {self.seed} {'triton' if self.triton else 'torch'} D{self.head_dim} Hkv{self.kv_heads} "
+        return (f"seed {self.seed} {self.impl} D{self.head_dim} Hkv{self.kv_heads} "
                 f"G{self.group} {str(self.dtype)[6:]} k{c.key_ratio:.3f} v{c.value_ratio:.3f} {c.recovery} "
                 f"page{self.page_size} lens{self.lens}")  # fmt: skip
 
@@ -115,6 +115,8 @@ def ops(case: Case):
         from spark_sglang.kernels import compress, decode, extend
 
         return compress.compress_and_store, decode.SparKDecodeWrapper, extend.extend_attention
+    if case.impl == "cpp":
+        return cpp_path.compress_and_store, cpp_path.CppDecodeWrapper, cpp_path.extend_attention
     return torch_path.compress_and_store, torch_path.TorchDecodeWrapper, torch_path.extend_attention
 
 
@@ -211,7 +213,7 @@ def run(case: Case) -> Counter:
 
 
 def corrupt(case: Case, wrapper, q, cache, all_slots) -> Counter:
-    """Corrupt one slot's metadata: the PyTorch path must not read outside its tensors. A bitmap
+    """Corrupt one slot's metadata: the CPU paths must not read outside their tensors. A bitmap
     with too many bits reads as all-pruned (finite, only its own request moves); a window-row id
     past the table raises."""
     keys, values, stats, slot_rows = cache
@@ -241,22 +243,24 @@ def corrupt(case: Case, wrapper, q, cache, all_slots) -> Counter:
 
 
 def fuzz(cases: int, triton: int, seed: int) -> Counter:
-    """``cases`` PyTorch-path cases and ``triton`` Triton cases; raises with the seed on a failure."""
+    """``cases`` CPU-path cases (PyTorch and C++ in turn) and ``triton`` Triton cases; raises with the
+    seed on a failure."""
     totals = Counter()
-    plan = [(seed + i, False) for i in range(cases)] + [(seed + 10_000_000 + i, True) for i in range(triton)]
-    for case_seed, use_triton in plan:
-        case = Case(case_seed, use_triton)
+    plan = [(seed + i, ("torch", "cpp")[i % 2]) for i in range(cases)]
+    plan += [(seed + 10_000_000 + i, "triton") for i in range(triton)]
+    for case_seed, impl in plan:
+        case = Case(case_seed, impl)
         try:
             totals.update(run(case))
         except Exception as error:
             raise AssertionError(f"fuzz case failed: {case.describe()}: {error}") from error
-        totals["triton cases" if use_triton else "torch cases"] += 1
+        totals[f"{impl} cases"] += 1
     return totals
 
 
 def main(argv=None) -> Counter:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=2000, help="PyTorch-path cases")
+    parser.add_argument("--cases", type=int, default=2000, help="CPU-path cases (PyTorch and C++ in turn)")
     parser.add_argument("--triton", type=int, default=50, help="Triton cases (interpreter on a CPU)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

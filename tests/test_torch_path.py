@@ -1,7 +1,9 @@
-"""The PyTorch path (kernels/torch_path.py) against the reference and against the Triton kernels,
-on the kernel tests' random caches: ragged batches, paged and scattered slots, GQA, both
-recoveries, dense and compressed values, poisoned outputs and poisoned unused slots. bf16 runs
-here too: the PyTorch path computes it correctly on a CPU (the Triton interpreter does not)."""
+"""The CPU paths against the reference and against the Triton kernels, on the kernel tests' random
+caches: ragged batches, paged and scattered slots, GQA, both recoveries, dense and compressed
+values, poisoned outputs and poisoned unused slots. Decode and extend run on each CPU
+implementation: the PyTorch path (kernels/torch_path.py) and the C++ extension (kernels/cpp_path.py),
+native (AVX-512 where the machine has it) and portable builds. bf16 runs here too: these paths
+compute it correctly on a CPU (the Triton interpreter does not)."""
 
 import math
 import os
@@ -30,7 +32,7 @@ from tests.test_kernels_decode import (  # noqa: E402
 from tests.test_kernels_extend import CASES as EXTEND_CASES  # noqa: E402
 from tests.test_kernels_extend import _indptr, reference_extend  # noqa: E402
 
-from spark_sglang.kernels import compress, decode, extend, layout, reference, torch_path  # noqa: E402
+from spark_sglang.kernels import compress, cpp_path, decode, extend, layout, reference, torch_path  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -42,6 +44,20 @@ BF16 = [
 ]
 
 
+#: name -> (decode wrapper class, extend function)
+CPU_PATHS = {
+    "torch": (torch_path.TorchDecodeWrapper, torch_path.extend_attention),
+    "cpp": (cpp_path.CppDecodeWrapper, cpp_path.extend_attention),
+    "cpp-portable": (cpp_path.PortableDecodeWrapper,
+                     lambda *args, **kwargs: cpp_path.extend_attention(*args, portable=True, **kwargs)),
+}
+
+
+@pytest.fixture(params=list(CPU_PATHS))
+def cpu_path(request):
+    return CPU_PATHS[request.param]
+
+
 def generator(request) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
 
@@ -51,7 +67,7 @@ def _unique(cases):
 
 
 @pytest.mark.parametrize("case", _unique(DECODE_CASES + BF16), ids=_case_id)
-def test_decode_matches_reference(request, case):
+def test_decode_matches_reference(request, case, cpu_path):
     dtype, head_dim, group, key_ratio, recovery, value_ratio, page_size, logit_cap = case
     gen = generator(request)
     num_kv_heads = 2
@@ -64,7 +80,7 @@ def test_decode_matches_reference(request, case):
     q = torch.randn(len(lens), num_heads, head_dim, generator=gen).to(query_dtype(dtype))
     sm_scale = 1.3 / math.sqrt(head_dim)
 
-    wrapper = torch_path.TorchDecodeWrapper(num_heads, num_kv_heads, head_dim)
+    wrapper = cpu_path[0](num_heads, num_kv_heads, head_dim)
     wrapper.plan(indptr, indices)
     out, lse = poisoned_outputs(len(lens), num_heads, head_dim, query_dtype(dtype))
     args = (cache.keys, cache.values, cache.window_stats, cache.slot_rows)
@@ -78,7 +94,7 @@ def test_decode_matches_reference(request, case):
 
 
 @pytest.mark.parametrize("case", _unique(EXTEND_CASES + BF16), ids=_case_id)
-def test_extend_matches_reference(request, case):
+def test_extend_matches_reference(request, case, cpu_path):
     dtype, head_dim, group, key_ratio, recovery, value_ratio, page_size, logit_cap = case
     gen = generator(request)
     num_kv_heads = 2
@@ -97,7 +113,7 @@ def test_extend_matches_reference(request, case):
     sm_scale = 0.9 / math.sqrt(head_dim)
 
     out, lse = poisoned_outputs(num_q, num_heads, head_dim, model_dtype)
-    torch_path.extend_attention(
+    cpu_path[1](
         q, k, v, qo_indptr, prefix_indptr, prefix_indices,
         cache.keys, cache.values, cache.window_stats, cache.slot_rows,
         sm_scale=sm_scale, logit_cap=logit_cap, out=out, lse=lse, k_scale=scale, v_scale=scale,
