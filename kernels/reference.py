@@ -311,6 +311,58 @@ def unpack_values(packed: PackedValues, *, scale: float = 1.0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Scoring in the compressed domain: what the decode kernels compute, without a dense key
+# ---------------------------------------------------------------------------------------------
+
+
+def compressed_logits(q: torch.Tensor, packed: PackedKeys, key_norm: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    """Logits ``q . k~`` of queries ``q [M, Hq, D]`` against packed keys ``[N, Hkv, ...]``, float32
+    ``[Hq, M, N]``, with no recovered key formed:
+
+        q . k~_t  =  sum_{c kept} q_c k_{t,c}  +  fill_t * sum_{c pruned} s_{t,c} u_c,
+        u = q * Qn^-1/2 (per query and window row),  s = -1 where the sign bit is set, else +1.
+
+    The first sum reads the kept entries as stored; the second needs only the bitmap, the sign
+    bits and one fill per token. ``key_norm`` broadcasts to ``[N, Hkv, D]``. Equal to the logits
+    over :func:`unpack_keys` up to float32 rounding, except where :func:`unpack_keys` clamps
+    (``fill * Qn^-1/2`` past the output dtype's range) or rounds a recovered entry to an fp16 /
+    bf16 cache dtype: the kernels apply both per channel (``spark_cpu.cpp``'s ``rebuild_key``, the
+    Triton ``_key_part``), so they match :func:`unpack_keys` exactly in what they add up.
+    """
+    keep = words_to_bits(packed.mask)  # [N, Hkv, D]
+    n, hkv, d = keep.shape
+    m, hq, _ = q.shape
+    qf = q.float().view(m, hkv, hq // hkv, d)
+    kept_part = torch.einsum("mhgd,nhd->hgmn", qf, _scatter_kept(from_storage(packed.kept, scale), keep))
+    if packed.sign is None:  # "zero" recovery: pruned channels add nothing
+        return kept_part.reshape(hq, m, n)
+    num_pruned = d - packed.kept.shape[-1]
+    negative = pruned_sign_bits(packed.sign, keep, num_pruned)
+    signs = torch.where(negative, -1.0, 1.0) * (~keep)  # [N, Hkv, D]: +-1 on pruned channels, 0 on kept
+    inv_norm = rsqrt_or_zero(key_norm).expand(n, hkv, d)
+    u = qf[:, None] * inv_norm[None, :, :, None, :]  # [M, N, Hkv, G, D]
+    pruned_part = torch.einsum("mnhgd,nhd->hgmn", u, signs) * packed.fill.float().T[:, None, None, :]
+    return (kept_part + pruned_part).reshape(hq, m, n)
+
+
+def compressed_values_output(probs: torch.Tensor, packed: PackedValues, *, scale: float = 1.0) -> torch.Tensor:
+    """``probs [Hq, M, N] @ v~`` over packed values ``[N, Hkv, ...]`` without dense values:
+
+        sum_t p_t v~_t  =  sum_t p_t kept_t  +  sum_t (p_t fill_t) * pruned_t,
+
+    kept entries at their channels (0 elsewhere) plus, per token, its fill weighted once and
+    spread over its pruned channels. Returns ``[Hq, M, Dv]`` float32."""
+    keep = words_to_bits(packed.mask)
+    n, hkv, d = keep.shape
+    hq, m, _ = probs.shape
+    p = probs.float().view(hkv, hq // hkv, m, n)
+    kept_part = torch.einsum("hgmn,nhd->hgmd", p, _scatter_kept(from_storage(packed.kept, scale), keep))
+    weighted_fill = p * packed.fill.float().T[:, None, None, :]  # [Hkv, G, M, N]
+    pruned_part = torch.einsum("hgmn,nhd->hgmd", weighted_fill, (~keep).float())
+    return (kept_part + pruned_part).reshape(hq, m, d)
+
+
+# ---------------------------------------------------------------------------------------------
 # Attention over a (simulated or unpacked) cache, for kernel tests and evaluation
 # ---------------------------------------------------------------------------------------------
 

@@ -350,3 +350,30 @@ def test_signs_stored_for_pruned_channels_only(d, ratio):
     assert torch.equal(bits[..., :pruned], (~(k > 0))[~keep].view(7, 3, pruned))
     assert not bits[..., pruned:].any()  # unused high bits stay 0
     assert torch.equal(R.pruned_sign_bits(packed.sign, keep, pruned), ~keep & ~(k > 0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype,d,ratio,recovery,group", [
+    (torch.float32, 64, 0.5, "mean", 3), (torch.float32, 128, 0.8, "mean", 6), (torch.float32, 32, 0.3, "zero", 1),
+    (torch.float8_e4m3fn, 64, 0.5, "mean", 2),
+])  # fmt: skip
+def test_compressed_domain_scores_equal_dense_rebuild(seed, dtype, d, ratio, recovery, group):
+    """The compressed-domain formulation (kept sum + fill times the signed pruned sum of
+    ``q * Qn^-1/2``; kept values plus the weighted fill) equals attention over the dense rebuild,
+    per-token window norms included."""
+    gen = torch.Generator().manual_seed(seed)
+    n, hkv, m, scale = 37, 2, 3, (0.5 if dtype in R.FP8_DTYPES else 1.0)
+    keys, values = torch.randn(n, hkv, d, generator=gen), torch.randn(n, hkv, d, generator=gen)
+    norm = torch.rand(n, hkv, d, generator=gen) + 0.1
+    norm[:, :, ::7] = 0  # channels that never fired recover to 0
+    q = torch.randn(m, hkv * group, d, generator=gen)
+    packed_k = R.pack_keys(keys, norm, ratio, recovery, dtype=dtype, scale=scale)
+    packed_v = R.pack_values(values, R.value_channel_bias(values), 0.5, dtype=dtype, scale=scale)
+    dense_k = R.unpack_keys(packed_k, norm, scale=scale).float().repeat_interleave(group, dim=1)
+    dense_v = R.unpack_values(packed_v, scale=scale).float().repeat_interleave(group, dim=1)
+
+    logits = R.compressed_logits(q, packed_k, norm, scale=scale)
+    torch.testing.assert_close(logits, torch.einsum("mhd,nhd->hmn", q, dense_k), rtol=1e-5, atol=1e-5)
+    probs = torch.softmax(logits, dim=-1)
+    out = R.compressed_values_output(probs, packed_v, scale=scale)
+    torch.testing.assert_close(out, torch.einsum("hmn,nhd->hmd", probs, dense_v), rtol=1e-5, atol=1e-5)
