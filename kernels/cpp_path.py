@@ -120,12 +120,7 @@ class CppDecodeWrapper(TorchDecodeWrapper):
 
     def run(self, q, keys, values, window_stats, slot_rows, *, sm_scale=None, logit_cap=0.0, out=None, lse=None,
             k_scale=1.0, v_scale=1.0):  # fmt: skip
-        if self._kv_indptr is None:
-            raise RuntimeError("CppDecodeWrapper.run called before plan")
-        batch = q.shape[0]
-        if batch != len(self._bounds) - 1 or q.shape[1:] != (self.num_qo_heads, self.head_dim):
-            raise ValueError(f"q has shape {tuple(q.shape)}, the plan is for {len(self._bounds) - 1} requests "
-                             f"of [{self.num_qo_heads}, {self.head_dim}]")  # fmt: skip
+        batch = self._check_planned(q)
         parts, out_max = _common(keys, values, window_stats, slot_rows)
         out32 = torch.empty(batch, self.num_qo_heads, self.v_head_dim, dtype=torch.float32)
         lse32 = torch.empty(batch, self.num_qo_heads, dtype=torch.float32)
@@ -134,15 +129,8 @@ class CppDecodeWrapper(TorchDecodeWrapper):
             q.float().contiguous(), self._kv_indptr.long(), self._kv_indices.long(), *parts, float(scale),
             float(logit_cap), float(k_scale), float(v_scale), out_max, SPLIT_TOKENS, out32, lse32,
         )  # fmt: skip
-        if out is None:
-            out = out32.to(q.dtype)
-        else:
-            out.copy_(out32)
-        if lse is None:
-            lse = lse32
-        else:
-            lse.copy_(lse32)
-        return out, lse
+        out = out32.to(q.dtype) if out is None else out.copy_(out32)
+        return out, (lse32 if lse is None else lse.copy_(lse32))
 
 
 class PortableDecodeWrapper(CppDecodeWrapper):

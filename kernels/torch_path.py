@@ -192,15 +192,20 @@ class TorchDecodeWrapper:
         self._kv_indptr, self._kv_indices = kv_indptr, kv_indices
         self._bounds = kv_indptr.to("cpu", torch.int64).tolist()
 
-    def run(self, q, keys, values, window_stats, slot_rows, *, sm_scale=None, logit_cap=0.0, out=None, lse=None,
-            k_scale=1.0, v_scale=1.0):  # fmt: skip
-        """Same contract as ``SparKDecodeWrapper.run``: returns ``(out [B, Hq, Dv], lse [B, Hq])``."""
+    def _check_planned(self, q) -> int:
+        """The batch size, after checking ``plan`` ran for this ``q``."""
         if self._kv_indptr is None:
-            raise RuntimeError("TorchDecodeWrapper.run called before plan")
+            raise RuntimeError(f"{type(self).__name__}.run called before plan")
         batch = q.shape[0]
         if batch != len(self._bounds) - 1 or q.shape[1:] != (self.num_qo_heads, self.head_dim):
             raise ValueError(f"q has shape {tuple(q.shape)}, the plan is for {len(self._bounds) - 1} requests "
                              f"of [{self.num_qo_heads}, {self.head_dim}]")  # fmt: skip
+        return batch
+
+    def run(self, q, keys, values, window_stats, slot_rows, *, sm_scale=None, logit_cap=0.0, out=None, lse=None,
+            k_scale=1.0, v_scale=1.0):  # fmt: skip
+        """Same contract as ``SparKDecodeWrapper.run``: returns ``(out [B, Hq, Dv], lse [B, Hq])``."""
+        batch = self._check_planned(q)
         out = out if out is not None else q.new_empty(batch, self.num_qo_heads, self.v_head_dim)
         lse = lse if lse is not None else torch.empty(batch, self.num_qo_heads, dtype=torch.float32, device=q.device)
         scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(self.head_dim)

@@ -173,6 +173,14 @@ int load_bitmap(const Compact& c, int64_t slot, int64_t head, uint32_t* words) {
   return set;
 }
 
+// The bitmap words and the kept entries (as float) of a compressed slot-head.
+const float* load_kept(const Compact& c, int64_t slot, int64_t head, Scratch& s, uint32_t* words) {
+  const int set = load_bitmap(c, slot, head, words);
+  if (c.storage == Storage::F32) return reinterpret_cast<const float*>(c.kept.at(slot, head));
+  load_entries(c.kept.at(slot, head), set, c.storage, c.scale, s.kept);
+  return s.kept;
+}
+
 float fill_of(const Compact& c, int64_t slot, int64_t head) {
   uint16_t bits;
   std::memcpy(&bits, c.fill.at(slot, head), 2);
@@ -210,13 +218,7 @@ void rebuild_key(const Compact& c, int64_t slot, int64_t head, const float* rs, 
     return;
   }
   uint32_t words[kMaxHeadDim / 32];
-  const int set = load_bitmap(c, slot, head, words);
-  const float* kept = s.kept;
-  if (c.storage == Storage::F32) {
-    kept = reinterpret_cast<const float*>(c.kept.at(slot, head));
-  } else {
-    load_entries(c.kept.at(slot, head), set, c.storage, c.scale, s.kept);
-  }
+  const float* kept = load_kept(c, slot, head, s, words);
   const bool mean = c.fill.present();  // "mean" recovery (a key ratio of 0 stores no sign words)
   const float fill = mean ? fill_of(c, slot, head) : 0.f;
   if (mean) s.signs.load(c.sign.present() ? c.sign.at(slot, head) : nullptr, c.sign.count);
@@ -262,13 +264,7 @@ void rebuild_value(const Compact& c, int64_t slot, int64_t head, Scratch& s, flo
     return;
   }
   uint32_t words[kMaxHeadDim / 32];
-  const int set = load_bitmap(c, slot, head, words);
-  const float* kept = s.kept;
-  if (c.storage == Storage::F32) {
-    kept = reinterpret_cast<const float*>(c.kept.at(slot, head));
-  } else {
-    load_entries(c.kept.at(slot, head), set, c.storage, c.scale, s.kept);
-  }
+  const float* kept = load_kept(c, slot, head, s, words);
   const float fill = round_entry(c, std::clamp(fill_of(c, slot, head), -c.out_max, c.out_max));
 #if SPARK_AVX512
   const __m512 fill_v = _mm512_set1_ps(fill);
