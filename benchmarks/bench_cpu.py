@@ -1,4 +1,4 @@
-"""CPU speed of the spark backend's PyTorch path against SGLang's dense ``torch_native`` backend.
+"""CPU speed of the spark backend's CPU path against SGLang's dense ``torch_native`` backend.
 
 One ``sglang.Engine`` per backend serves SmolLM2-135M-Instruct (float32, CPU); for each context
 length and batch size, in the same process and on the same prompts:
@@ -28,6 +28,7 @@ import time
 import torch
 
 from spark_sglang.eval.texts import load_documents
+from spark_sglang.kernel_ops import kernel_choice
 from spark_sglang.smollm2 import smollm2_path
 
 SHORT, LONG = 2, 10
@@ -82,7 +83,8 @@ def run_backend(backend: str, args, **options) -> dict:
 def table(dense: dict, spark: dict, args) -> str:
     lines = [
         f"SmolLM2-135M-Instruct, float32, CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads); SparK key ratio {args.key_ratio}; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); SparK key ratio {args.key_ratio}, "
+        f"{kernel_choice('cpu')} kernels; "
         f"medians of {args.repeats}; seconds; context x batch above {args.max_batch_tokens} tokens not run.",
         "",
         "| context | batch | prefill dense | prefill SparK | ratio | decode step dense | decode step SparK | ratio |",
