@@ -103,11 +103,10 @@ def _common(keys, values, window_stats, slot_rows):
     return (*_key_parts(keys), *_value_parts(values), stats, rows), out_max
 
 
-def unpack_slots(keys, values, window_stats, slot_rows, slots, k_scale=1.0, v_scale=1.0, *, portable=False):
+def unpack_slots(keys, values, window_stats, slot_rows, slots, head_dim, k_scale=1.0, v_scale=1.0, *,
+                 portable=False):  # fmt: skip
     """Dense float32 keys and values ``[Hkv, n, D]`` of ``slots``, rebuilt as the decode does."""
     parts, out_max = _common(keys, values, window_stats, slot_rows)
-    head_dim = (keys if isinstance(keys, torch.Tensor) else keys.mask).shape[-1] * (
-        1 if isinstance(keys, torch.Tensor) else 32)  # fmt: skip
     k, v = load_extension(portable).unpack(slots.long().contiguous(), *parts, head_dim, float(k_scale),
                                            float(v_scale), out_max)  # fmt: skip
     return k, v
@@ -118,6 +117,11 @@ class CppDecodeWrapper(TorchDecodeWrapper):
 
     portable = False
 
+    def plan(self, kv_indptr, kv_indices, **kwargs) -> None:
+        super().plan(kv_indptr, kv_indices, **kwargs)
+        # int64 once per batch, not once per layer
+        self._indptr64, self._indices64 = kv_indptr.long().contiguous(), kv_indices.long().contiguous()
+
     def run(self, q, keys, values, window_stats, slot_rows, *, sm_scale=None, logit_cap=0.0, out=None, lse=None,
             k_scale=1.0, v_scale=1.0):  # fmt: skip
         batch = self._check_planned(q)
@@ -126,7 +130,7 @@ class CppDecodeWrapper(TorchDecodeWrapper):
         lse32 = torch.empty(batch, self.num_qo_heads, dtype=torch.float32)
         scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(self.head_dim)
         load_extension(self.portable).decode(
-            q.float().contiguous(), self._kv_indptr.long(), self._kv_indices.long(), *parts, float(scale),
+            q.float().contiguous(), self._indptr64, self._indices64, *parts, float(scale),
             float(logit_cap), float(k_scale), float(v_scale), out_max, SPLIT_TOKENS, out32, lse32,
         )  # fmt: skip
         out = out32.to(q.dtype) if out is None else out.copy_(out32)
@@ -167,7 +171,7 @@ def extend_attention(
     p_bounds = prefix_indptr.to("cpu", torch.int64).tolist()
     if p_bounds[-1] > 0:
         prefix_k, prefix_v = unpack_slots(keys, values, window_stats, slot_rows, prefix_indices[: p_bounds[-1]],
-                                          k_scale, v_scale, portable=portable)  # fmt: skip
+                                          head_dim, k_scale, v_scale, portable=portable)  # fmt: skip
     for b in range(len(q_bounds) - 1):
         rows = slice(q_bounds[b], q_bounds[b + 1])
         if rows.start == rows.stop:
