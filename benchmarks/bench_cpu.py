@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from spark_sglang.eval.texts import load_documents
+from spark_sglang.texts import load_documents
 from spark_sglang.kernel_ops import kernel_choice
 from spark_sglang.smollm2 import smollm2_path
 

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from spark_sglang.eval.texts import load_documents
+from spark_sglang.texts import load_documents
 from spark_sglang.kernels.layout import SparKConfig, bytes_per_token
 from spark_sglang.pool import TOKENS_PER_WINDOW_ROW
 from spark_sglang.smollm2 import smollm2_path

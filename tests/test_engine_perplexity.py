@@ -1,4 +1,4 @@
-"""``spark_sglang.eval.engine_perplexity``'s plumbing through ``sglang.Engine`` on the tiny random
+"""``evaluation.engine_perplexity``'s plumbing through ``sglang.Engine`` on the tiny random
 Llama: the continuation's prompt log-probs come back, request 2 reads the context from the radix
 cache, the dense engine equals a transformers forward pass, and SparK moves the log-probs."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from spark_sglang.eval import engine_perplexity as E
+from evaluation import engine_perplexity as E
 from spark_sglang.tiny_model import build_tiny_llama
 
 CONTEXT, CONTINUATION, WINDOW = 40, 12, 8  # Y has CONTINUATION + 1 tokens

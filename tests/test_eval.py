@@ -1,4 +1,4 @@
-"""Tests of the fidelity harness (spark_sglang.eval): metrics on hand-made cases with known
+"""Tests of the fidelity harness (evaluation): metrics on hand-made cases with known
 answers, the equal-bytes arithmetic, the methods against the reference, activation capture
 (MiniLM and a tiny random-weight Llama with GQA and RoPE) and the command line."""
 
@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from spark_sglang.eval import activations, budget, harness, methods, metrics, report, texts
-from spark_sglang.eval.__main__ import main
+from evaluation import activations, budget, harness, methods, metrics, report
+from spark_sglang import texts
+from evaluation.__main__ import main
 from spark_sglang.kernels import reference as R
 from spark_sglang.kernels.layout import ROW_ID_BYTES, SparKConfig, bytes_per_token
 

@@ -1,4 +1,4 @@
-"""Tests of the equal-bytes frontier (spark_sglang.eval.quant, spark_sglang.eval.frontier).
+"""Tests of the equal-bytes frontier (evaluation.quant, evaluation.frontier).
 
 Each quantizer against values worked out by hand from the restated SGLang code; the bytes; the
 SparK settings against the reference; the exploratory selections; the continuation pass on a tiny
@@ -13,8 +13,9 @@ import math
 import pytest
 import torch
 
-from spark_sglang.eval import frontier as F
-from spark_sglang.eval import methods, metrics, quant, texts
+from evaluation import frontier as F
+from evaluation import methods, metrics, quant
+from spark_sglang import texts
 from spark_sglang.kernels import reference as R
 
 FP8 = torch.float8_e4m3fn

@@ -12,7 +12,7 @@ import pytest
 import sglang as sgl
 from transformers import AutoTokenizer
 
-from spark_sglang.eval.texts import load_documents
+from spark_sglang.texts import load_documents
 from spark_sglang.smollm2 import smollm2_path
 
 QUESTIONS = [

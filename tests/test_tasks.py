@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from spark_sglang.eval import tasks as T
+from evaluation import tasks as T
 
 FILLERS = ["words", "noise", "licenses"]
 
@@ -181,5 +181,5 @@ def test_run_suite_through_sglang_engine_on_the_tiny_model():
         spark_texts = [o["text"] for o in results["outputs"][names[1]][task]]
         assert results["agreement"][task][names[1]] == T.agreement(spark_texts, dense_texts)
         assert results["prompt_tokens"][task] > 60
-    report = T.markdown(results, 1.0, "python -m spark_sglang.eval.tasks")
+    report = T.markdown(results, 1.0, "python -m evaluation.tasks")
     assert "random weights" in report and report.count("| spark K0.5 |") == len(T.TASKS) + 1

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .texts import Document
+from spark_sglang.texts import Document
 
 CAPTURE_IMPLEMENTATION = "spark_eval_capture"
 MINILM = "minilm"

@@ -1,6 +1,6 @@
 """Attention-level fidelity evaluation of SparK on real activations.
 
-``python -m spark_sglang.eval --help``. Pieces:
+``python -m evaluation --help``. Pieces:
 
 * :mod:`.texts` — real text found on the system (licence texts), identified by SHA-256;
 * :mod:`.activations` — Q/K/V capture from all-MiniLM-L6-v2 or any HF causal LM (post-RoPE),

@@ -25,14 +25,14 @@ context, key ratios 0.5 and 0.8; about 3 minutes on a 2-core CPU, where the Trit
 SparK's prefill the slow part; its accuracy is ~0 by construction, only the agreement with dense is
 meaningful there)::
 
-    python -m spark_sglang.eval.tasks --out docs/tasks.md
+    python -m evaluation.tasks --out docs/tasks.md
 
 A real model on a GPU (K only and K+V at 0.5 / 0.8, roughly 4k / 8k / 16k tokens of context: the
 report gives the measured prompt tokens; one run per length; chunked prefill off, so each prompt is
 prefilled in one piece and SparK scores its channels with the question's window)::
 
     for W in 3000 6000 12000; do
-      python -m spark_sglang.eval.tasks --model-path meta-llama/Llama-3.1-8B-Instruct \\
+      python -m evaluation.tasks --model-path meta-llama/Llama-3.1-8B-Instruct \\
           --ratios 0.5,0.8 --value-ratios 0,0.5 --examples 50 --context-words $W \\
           --max-new-tokens 64 --engine-arg chunked_prefill_size=-1 \\
           --out docs/tasks_llama3.1-8b_${W}w.md
@@ -571,7 +571,7 @@ TINY_NOTE = (
 
 GPU_COMMAND = """\
 for W in 3000 6000 12000; do   # about 4k / 8k / 16k Llama-3 tokens of context
-  python -m spark_sglang.eval.tasks --model-path meta-llama/Llama-3.1-8B-Instruct \\
+  python -m evaluation.tasks --model-path meta-llama/Llama-3.1-8B-Instruct \\
       --ratios 0.5,0.8 --value-ratios 0,0.5 --examples 50 --context-words $W \\
       --max-new-tokens 64 --engine-arg chunked_prefill_size=-1 \\
       --out docs/tasks_llama3.1-8b_${W}w.md
@@ -579,7 +579,7 @@ done"""
 
 ABOUT = """\
 A long-context suite in the manner of [RULER](https://arxiv.org/abs/2404.06654), generated locally
-and deterministically from a seed by `spark_sglang/eval/tasks.py` (no download), run through
+and deterministically from a seed by `evaluation/tasks.py` (no download), run through
 `sglang.Engine` once per backend: dense (`triton`) as the reference, then `spark` at each key ratio
 (and value ratio). All prompts of a backend go in one batch, greedy (temperature 0).
 
@@ -698,7 +698,7 @@ def _engine_arg(text: str) -> tuple[str, object]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m spark_sglang.eval.tasks",
+        prog="python -m evaluation.tasks",
         description="RULER-style long-context tasks through sglang.Engine: dense (triton) vs SparK.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -729,7 +729,7 @@ def main(argv: list[str] | None = None) -> dict:
                         args.max_new_tokens, args.seed, filler=args.filler,
                         engine_overrides=dict(args.engine_arg))  # fmt: skip
     runtime = time.perf_counter() - t0
-    command = "python -m spark_sglang.eval.tasks " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m evaluation.tasks " + " ".join(sys.argv[1:] if argv is None else argv)
     report = markdown(results, runtime, command.strip())
     print("\n" + report)
     if args.out:

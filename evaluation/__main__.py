@@ -1,4 +1,4 @@
-"""``python -m spark_sglang.eval``: attention-level fidelity of SparK vs ThinK vs token eviction.
+"""``python -m evaluation``: attention-level fidelity of SparK vs ThinK vs token eviction.
 
 With no arguments it regenerates ``docs/fidelity.{md,png,csv}`` (run from the repository root)
 from all-MiniLM-L6-v2 activations over licence texts found on the system, on CPU.
@@ -14,7 +14,9 @@ import time
 
 import torch
 
-from . import activations, harness, report, texts
+from spark_sglang import texts
+
+from . import activations, harness, report
 from .metrics import DEFAULT_KL_EPS
 
 DEFAULT_OUT = os.path.join("docs", "fidelity")
@@ -32,7 +34,7 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m spark_sglang.eval",
+        prog="python -m evaluation",
         description=(
             "Attention-level fidelity on real activations: SparK 'mean' and 'zero' (keys, and keys+"
             "values), ThinK and SnapKV token eviction at equal total KV bytes, against the full "
@@ -92,7 +94,7 @@ def _command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                 changed.append(f"{flag} {sep.join(str(v) for v in value)}")
             else:
                 changed.append(f"{flag} {value}")
-    return " ".join(["python -m spark_sglang.eval", *changed])
+    return " ".join(["python -m evaluation", *changed])
 
 
 def main(argv: list[str] | None = None) -> int:
