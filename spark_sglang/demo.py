@@ -26,7 +26,8 @@ import torch
 from spark_sglang.texts import load_documents
 from spark_sglang.kernels.layout import SparKConfig, bytes_per_token
 from spark_sglang.pool import TOKENS_PER_WINDOW_ROW
-from spark_sglang.smollm2 import smollm2_path
+from spark_sglang.models import NAMES
+from spark_sglang.models import model_path as model_path_of
 
 QUESTIONS = [
     "Which is better, according to the text: beautiful or ugly?",
@@ -50,13 +51,27 @@ def zen_of_python() -> str:
     return codecs.decode(encoded, "rot13")
 
 
+def cpu_memory_fraction(model_path: str, kv_share: float = 0.08) -> float:
+    """``mem_fraction_static`` for a CPU engine: on CPU SGLang takes it of the free host RAM, and the
+    float32 weights (with 10 % loading overhead) must fit inside it, so it is their share of that
+    RAM plus ``kv_share`` for the KV pool (0.08 is about 1.6 GB on a 24 GB machine)."""
+    import psutil
+
+    with open(os.path.join(model_path, "config.json")) as f:
+        config = json.load(f)
+    stored = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+    files = [f for f in os.listdir(model_path) if f.endswith(".safetensors")]
+    weights = sum(os.path.getsize(os.path.join(model_path, f)) for f in files) * 4 / stored.itemsize * 1.1
+    return round(min(0.95, weights / psutil.virtual_memory().available + kv_share), 3)
+
+
 def engine_kwargs(model_path: str, kv_cache_dtype: str = "auto") -> dict:
     """``sglang.Engine`` keywords shared by the demo and the task suite (CPU: float32, no CUDA
-    graph, a small static memory fraction)."""
+    graph, a static memory fraction that leaves room for the KV pool beside the weights)."""
     kwargs = dict(model_path=model_path, random_seed=0, log_level="error", kv_cache_dtype=kv_cache_dtype)
     if not torch.cuda.is_available():
-        kwargs.update(device="cpu", dtype="float32", disable_cuda_graph=True, mem_fraction_static=0.05,
-                      sleep_on_idle=True)  # fmt: skip
+        kwargs.update(device="cpu", dtype="float32", disable_cuda_graph=True,
+                      mem_fraction_static=cpu_memory_fraction(model_path), sleep_on_idle=True)  # fmt: skip
     return kwargs
 
 
@@ -139,7 +154,9 @@ def report(model_path: str, config: SparKConfig, args, dense: dict, spark: dict)
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-path", default=None, help="model to serve (default: the embedded SmolLM2)")
+    parser.add_argument("--model", default="smollm2-135m", choices=NAMES,
+                        help="a named model (qwen2.5-coder-1.5b: run `python -m spark_sglang.models fetch` first)")
+    parser.add_argument("--model-path", default=None, help="any local Hugging Face model (overrides --model)")
     parser.add_argument("--key-ratio", type=float, default=0.5)
     parser.add_argument("--value-ratio", type=float, default=0.0)
     parser.add_argument("--recovery", default="mean", choices=["mean", "zero"])
@@ -150,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.dense_backend = args.dense_backend or ("triton" if torch.cuda.is_available() else "torch_native")
     config = SparKConfig(key_ratio=args.key_ratio, value_ratio=args.value_ratio, recovery=args.recovery)
-    model_path = args.model_path or smollm2_path()
+    model_path = args.model_path or model_path_of(args.model)
     dense = serve(model_path, args.dense_backend, args)
     spark = serve(model_path, "spark", args, spark_key_ratio=config.key_ratio, spark_value_ratio=config.value_ratio,
                   spark_recovery=config.recovery)  # fmt: skip
