@@ -793,7 +793,8 @@ class SparKDecodeWrapper:
         device: where the scratch lives.
         max_splits: upper bound of KV splits per request.
         num_sms: multiprocessor count used to size the grid (default: the device's).
-        block_n: KV slots per tile (default 64 for ``D <= 64``, else 32).
+        block_n: KV slots per tile (default 128 for ``D = 32``, 64 for ``D = 64``, else 32: at
+            least one slot-word, 32 channels of one slot, per thread of 4 warps).
         num_warps: warps of the split kernel (default 4, 8 for ``D > 128``).
         min_split_len: fewest slots worth a split of their own (default ``4 * block_n``).
 
@@ -829,7 +830,7 @@ class SparKDecodeWrapper:
         self.device = torch.device(device)
         self.max_splits = max_splits
         self.num_sms = num_sms or _device_sm_count(self.device)
-        self.block_n = block_n or (64 if head_dim <= 64 else 32)
+        self.block_n = block_n or {32: 128, 64: 64}.get(head_dim, 32)
         self.num_warps = num_warps or (4 if head_dim <= 128 else 8)
         self.min_split_len = min_split_len or 4 * self.block_n
         self._geometry = (self.device, head_dim, self.v_head_dim, self.block_n, num_warps)
