@@ -20,9 +20,11 @@ of instructions, so the tile is built in the layout that makes each step cheap:
   movement), so what a slot-word shares (the word, its prefix, the kept entries' address, the
   sign word, the fill) is a per-thread scalar, and every lane's masks and shifts are immediates.
 * Rank of channel ``c`` (its index among the kept entries): ``prefix[word] + popc(word & below)``
-  with ``below = (1 << c % 32) - 1``; the kept entry is one predicated 16-bit load from the
-  slot's record (L1-resident: the tile's records are read whole), whose ``other`` value is the
-  recovered entry, so kept and pruned channels need no select.
+  with ``below = (1 << c % 32) - 1``, taken from ``popc(word | above) = rank + kept + 31 - c % 32``
+  (``_lane_bits``): the constant folds into the load's offset and the same count is the shift
+  that brings a pruned channel's sign to bit 31. The kept entry is one predicated 16-bit load
+  from the slot's record (L1-resident: the tile's records are read whole), whose ``other`` value
+  is the recovered entry, so kept and pruned channels need no select.
 * A pruned key channel ("mean") is ``sign * min(fill * Qn[c]^-1/2, max)``: ``Qn^-1/2`` is computed
   once per window row (``row_rsqrt``, IEEE ``1 / sqrt``, 0 below the smallest normal float), the
   fill per slot, and the sign bit is moved from the slot-word's pruned-sign word (bit ``i`` = the
@@ -197,33 +199,40 @@ def _pruned_signs(rec, sel, prefix, SIGN_OFF: tl.constexpr, SIGN_WORDS: tl.const
 
 @triton.jit
 def _lane_bits(word, lane: tl.constexpr):
-    """Lane ``lane`` of each bitmap word: its rank among the word's kept channels (set bits below
-    it) and whether it is kept. The lane is a constant: both masks are immediates."""
+    """Lane ``lane`` of each bitmap word: ``count = rank + kept + 31 - lane`` (``rank``: the kept
+    lanes below it) and whether it is kept. One ``popc`` serves both users: a kept lane's entry
+    is ``count + lane - 32`` past the word's first (the constant folds into the load's offset),
+    and a pruned lane's sign is bit ``lane - rank = 31 - count`` of the word's pruned signs. The
+    lane is a constant: the masks are immediates."""
     if lane == 31:
         kept = word < 0
+        count = popcount(word)
     else:
         kept = (word & (1 << lane)) != 0
-    return popcount(word & ((1 << lane) - 1)), kept
+        # Bits above the lane all set: they add 31 - lane.
+        count = popcount(word | -(1 << (lane + 1)))
+    return count, kept
 
 
 @triton.jit
 def _key_lane(word, kept_ptr, signs, fill, rs, k_scale, lane: tl.constexpr, MEAN_RECOVERY: tl.constexpr,
               IS_FP8: tl.constexpr, OUT_MAX: tl.constexpr, out_dtype: tl.constexpr):
-    rank, kept = _lane_bits(word, lane)
+    count, kept = _lane_bits(word, lane)
+    entry_ptr = (kept_ptr + count) + (lane - 32)
     if MEAN_RECOVERY:
         magnitude = tl.minimum(fill * rs, OUT_MAX, propagate_nan=tl.PropagateNan.ALL)
-        # Bit (lane - rank) of the word's pruned signs, moved to bit 31.
-        sign = (signs << (31 - lane + rank).to(tl.uint32)) & 0x80000000
+        # Bit (lane - rank) of the word's pruned signs: a shift by count moves it to bit 31.
+        sign = (signs << count.to(tl.uint32)) & 0x80000000
         recovered = (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     else:
-        recovered = tl.zeros(rank.shape, tl.float32)
+        recovered = tl.zeros(count.shape, tl.float32)
     # Both branches assign one result: the compiler type-checks every return of a function,
     # a static branch's too (an FP8 entry is not the tile's dtype).
     if IS_FP8:
-        stored = tl.load(kept_ptr + rank, mask=kept, other=0.0).to(tl.float32) * k_scale
+        stored = tl.load(entry_ptr, mask=kept, other=0.0).to(tl.float32) * k_scale
         entry = tl.where(kept, stored, recovered).to(out_dtype)
     else:
-        entry = tl.load(kept_ptr + rank, mask=kept, other=recovered.to(out_dtype))
+        entry = tl.load(entry_ptr, mask=kept, other=recovered.to(out_dtype))
     return entry
 
 
@@ -291,12 +300,13 @@ def rebuild_keys(
 
 @triton.jit
 def _value_lane(word, kept_ptr, fill, v_scale, lane: tl.constexpr, IS_FP8: tl.constexpr, out_dtype: tl.constexpr):
-    rank, kept = _lane_bits(word, lane)
+    count, kept = _lane_bits(word, lane)
+    entry_ptr = (kept_ptr + count) + (lane - 32)
     if IS_FP8:
-        stored = tl.load(kept_ptr + rank, mask=kept, other=0.0).to(tl.float32) * v_scale
+        stored = tl.load(entry_ptr, mask=kept, other=0.0).to(tl.float32) * v_scale
         entry = tl.where(kept, stored, fill).to(out_dtype)
     else:
-        entry = tl.load(kept_ptr + rank, mask=kept, other=fill.to(out_dtype))
+        entry = tl.load(entry_ptr, mask=kept, other=fill.to(out_dtype))
     return entry
 
 
