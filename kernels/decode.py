@@ -14,18 +14,19 @@ How a tile ``[BLOCK_N, D]`` is rebuilt (``rebuild_keys`` / ``rebuild_values``, s
 extend): the decode loop is issue-bound, not memory-bound, unless every channel costs a handful
 of instructions, so the tile is built in the layout that makes each step cheap:
 
-* The tile is assembled from 8 parts ``[BLOCK_N, D/32, 4]``: part ``j`` holds channels
-  ``32 w + 8 q + j`` and ``_join8`` interleaves them (``tl.join`` + ``tl.reshape``, no data
-  movement) so that each thread owns 8 consecutive channels of a few slots. Everything a slot
-  and bitmap word share (the word, the kept entries' address, the signs, the fill) is computed
-  once per slot-word ``[BLOCK_N, D/32]`` and broadcast; everything a channel shares (its bit
-  masks, ``Qn^-1/2``) is per-thread constant.
+* A thread owns one slot-word: all 32 channels ``32 w + lane`` of one bitmap word of one slot.
+  The tile is assembled from 32 lanes ``[BLOCK_N, D/32]`` joined in registers (``_join4`` over
+  ``lane // 8``, ``_interleave8`` over ``lane % 8``, then ``_join32``'s reshape: no data
+  movement), so what a slot-word shares (the word, its prefix, the kept entries' address, the
+  sign word, the fill) is a per-thread scalar, and every lane's masks and shifts are immediates.
 * Rank of channel ``c`` (its index among the kept entries): ``prefix[word] + popc(word & below)``
-  with ``below = (1 << c % 32) - 1``; the kept entry is one predicated 16-bit load from the
-  slot's record (L1-resident: the tile's records are read whole), whose ``other`` value is the
-  recovered entry, so kept and pruned channels need no select.
+  with ``below = (1 << c % 32) - 1``, taken from ``popc(word | above) = rank + kept + 31 - c % 32``
+  (``_lane_bits``): the constant folds into the load's offset and the same count is the shift
+  that brings a pruned channel's sign to bit 31. The kept entry is one predicated 16-bit load
+  from the slot's record (L1-resident: the tile's records are read whole), whose ``other`` value
+  is the recovered entry, so kept and pruned channels need no select.
 * A pruned key channel ("mean") is ``sign * min(fill * Qn[c]^-1/2, max)``: ``Qn^-1/2`` is computed
-  once per window row (``_row_rsqrt``, IEEE ``1 / sqrt``, 0 below the smallest normal float), the
+  once per window row (``row_rsqrt``, IEEE ``1 / sqrt``, 0 below the smallest normal float), the
   fill per slot, and the sign bit is moved from the slot-word's pruned-sign word (bit ``i`` = the
   ``i``-th pruned channel of the word) into the float's sign with one shift.
 * Window rows: a program rebuilds a tile with one row's ``Qn^-1/2`` at a time. Rows come in long
@@ -81,23 +82,30 @@ popcount = _popcount_hw if isinstance(_popcount_hw, JITFunction) else _popcount_
 
 
 @triton.jit
+def _join4(a0, a1, a2, a3):
+    """Parts ``[...]`` -> ``[..., 2, 2]`` whose flattened element ``i`` is part ``i``."""
+    return tl.join(tl.join(a0, a2), tl.join(a1, a3))
+
+
+@triton.jit
+def _split4(x):
+    """Inverse of ``_join4``."""
+    even, odd = tl.split(x)
+    a0, a2 = tl.split(even)
+    a1, a3 = tl.split(odd)
+    return a0, a1, a2, a3
+
+
+@triton.jit
 def _interleave8(c0, c1, c2, c3, c4, c5, c6, c7):
-    """Parts ``[..., 4]`` -> ``[..., 4, 2, 2, 2]`` whose element ``[..., q, x, y, z]`` is part
-    ``4 x + 2 y + z`` at ``q``: flattened, channel ``8 q + j`` comes from part ``j``. ``tl.join``
-    puts the new dims in registers, so nothing moves between threads."""
+    """Parts ``[...]`` -> ``[..., 2, 2, 2]`` whose flattened element ``j`` is part ``j``.
+    ``tl.join`` puts the new dims in registers, so nothing moves between threads."""
     return tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
 
 
 @triton.jit
-def _join8(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK: tl.constexpr, D: tl.constexpr):
-    """Parts ``[BLOCK, D/32, 4]`` -> ``[BLOCK, D]``, channel ``32 w + 8 q + j`` from part ``j``;
-    each thread keeps 8 consecutive channels."""
-    return tl.reshape(_interleave8(c0, c1, c2, c3, c4, c5, c6, c7), (BLOCK, D))
-
-
-@triton.jit
 def _split8(x):
-    """Inverse of ``_interleave8``: ``[..., 4, 2, 2, 2]`` -> 8 parts ``[..., 4]``."""
+    """Inverse of ``_interleave8``: ``[..., 2, 2, 2]`` -> 8 parts ``[...]``."""
     even, odd = tl.split(x)
     ee, eo = tl.split(even)
     oe, oo = tl.split(odd)
@@ -109,47 +117,54 @@ def _split8(x):
 
 
 @triton.jit
-def _lane_bits(word, j: tl.constexpr):
-    """For part ``j`` (channels ``c % 32 = 8 q + j``): each channel's rank within its word (set bits
-    below it) and whether it is kept."""
-    lane = 8 * tl.arange(0, 4)[None, None, :] + j
-    below = (1 << lane) - 1
-    return popcount(word & below), (word & (below + 1)) != 0
+def _join32(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK: tl.constexpr, D: tl.constexpr):
+    """8 parts ``[BLOCK, D/32, 2, 2]`` (part ``j``'s element ``q`` is lane ``8 q + j`` of its
+    bitmap word) -> the tile ``[BLOCK, D]``, channel ``32 w + lane``: a thread keeps all 32 lanes
+    of its slot-word in registers."""
+    return tl.reshape(_interleave8(c0, c1, c2, c3, c4, c5, c6, c7), (BLOCK, D))
 
 
 @triton.jit
-def _rsqrt_part(Stats, base, j: tl.constexpr, D: tl.constexpr):
-    offs = 32 * tl.arange(0, D // 32)[None, :, None] + 8 * tl.arange(0, 4)[None, None, :] + j
+def _rsqrt_lane(Stats, base, lane: tl.constexpr, D: tl.constexpr):
+    offs = 32 * tl.arange(0, D // 32)[None, :] + lane
     qn = tl.load(Stats + base + offs).to(tl.float32)
     normal = qn >= MIN_NORMAL
     return tl.where(normal, tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(normal, qn, 1.0))), 0.0)
 
 
 @triton.jit
+def _rsqrt_lanes(Stats, base, j: tl.constexpr, D: tl.constexpr):
+    return _join4(
+        _rsqrt_lane(Stats, base, j, D), _rsqrt_lane(Stats, base, 8 + j, D),
+        _rsqrt_lane(Stats, base, 16 + j, D), _rsqrt_lane(Stats, base, 24 + j, D),
+    )  # fmt: skip
+
+
+@triton.jit
 def _rsqrt_parts(Stats, base, D: tl.constexpr):
     """``Qn^-1/2`` of the window-statistics rows at element offsets ``base`` (a scalar, or
-    ``[BLOCK, 1, 1]``) as the 8 interleaved parts of a tile (``_interleave8``), 0 where ``Qn`` is
-    below the smallest normal float (or NaN): IEEE ``1 / sqrt``, as ``reference.rsqrt_or_zero``."""
+    ``[BLOCK, 1]``) in the tile's register order (``_join32`` before the reshape), 0 where ``Qn``
+    is below the smallest normal float (or NaN): IEEE ``1 / sqrt``, as ``reference.rsqrt_or_zero``."""
     return _interleave8(
-        _rsqrt_part(Stats, base, 0, D), _rsqrt_part(Stats, base, 1, D),
-        _rsqrt_part(Stats, base, 2, D), _rsqrt_part(Stats, base, 3, D),
-        _rsqrt_part(Stats, base, 4, D), _rsqrt_part(Stats, base, 5, D),
-        _rsqrt_part(Stats, base, 6, D), _rsqrt_part(Stats, base, 7, D),
+        _rsqrt_lanes(Stats, base, 0, D), _rsqrt_lanes(Stats, base, 1, D),
+        _rsqrt_lanes(Stats, base, 2, D), _rsqrt_lanes(Stats, base, 3, D),
+        _rsqrt_lanes(Stats, base, 4, D), _rsqrt_lanes(Stats, base, 5, D),
+        _rsqrt_lanes(Stats, base, 6, D), _rsqrt_lanes(Stats, base, 7, D),
     )  # fmt: skip
 
 
 @triton.jit
 def row_rsqrt(Stats, row, stride_st_r, kv_head, stride_st_h, D: tl.constexpr):
-    """``Qn^-1/2`` of one window row and KV head, ``[1, D/32, 4, 2, 2, 2]`` float32: computed once
-    per run of slots sharing the row, not per slot."""
+    """``Qn^-1/2`` of one window row and KV head, ``[1, D/32, 2, 2, 2, 2, 2]`` float32: computed
+    once per run of slots sharing the row, not per slot."""
     return _rsqrt_parts(Stats, row * stride_st_r + kv_head * stride_st_h, D)
 
 
 @triton.jit
 def slot_rsqrt(Stats, rows, stride_st_r, kv_head, stride_st_h, D: tl.constexpr):
-    """``row_rsqrt`` of each slot's own window row ``rows [BLOCK]``: ``[BLOCK, D/32, 4, 2, 2, 2]``,
-    for a tile whose slots mix rows."""
-    return _rsqrt_parts(Stats, rows.to(tl.int64)[:, None, None] * stride_st_r + kv_head * stride_st_h, D)
+    """``row_rsqrt`` of each slot's own window row ``rows [BLOCK]``: ``[BLOCK, D/32, 2, 2, 2, 2,
+    2]``, for a tile whose slots mix rows."""
+    return _rsqrt_parts(Stats, rows.to(tl.int64)[:, None] * stride_st_r + kv_head * stride_st_h, D)
 
 
 @triton.jit
@@ -183,21 +198,56 @@ def _pruned_signs(rec, sel, prefix, SIGN_OFF: tl.constexpr, SIGN_WORDS: tl.const
 
 
 @triton.jit
-def _key_part(word, kept_ptr, signs, fill, rs, k_scale, j: tl.constexpr, MEAN_RECOVERY: tl.constexpr,
+def _lane_bits(word, lane: tl.constexpr):
+    """Lane ``lane`` of each bitmap word: ``count = rank + kept + 31 - lane`` (``rank``: the kept
+    lanes below it) and whether it is kept. One ``popc`` serves both users: a kept lane's entry
+    is ``count + lane - 32`` past the word's first (the constant folds into the load's offset),
+    and a pruned lane's sign is bit ``lane - rank = 31 - count`` of the word's pruned signs. The
+    lane is a constant: the masks are immediates."""
+    if lane == 31:
+        kept = word < 0
+        count = popcount(word)
+    else:
+        kept = (word & (1 << lane)) != 0
+        # Bits above the lane all set: they add 31 - lane.
+        count = popcount(word | -(1 << (lane + 1)))
+    return count, kept
+
+
+@triton.jit
+def _key_lane(word, kept_ptr, signs, fill, rs, k_scale, lane: tl.constexpr, MEAN_RECOVERY: tl.constexpr,
               IS_FP8: tl.constexpr, OUT_MAX: tl.constexpr, out_dtype: tl.constexpr):
-    rank, kept = _lane_bits(word, j)
+    count, kept = _lane_bits(word, lane)
+    entry_ptr = (kept_ptr + count) + (lane - 32)
     if MEAN_RECOVERY:
         magnitude = tl.minimum(fill * rs, OUT_MAX, propagate_nan=tl.PropagateNan.ALL)
-        lane = 8 * tl.arange(0, 4)[None, None, :] + j
-        # Bit (lane - rank) of the word's pruned signs, moved to bit 31.
-        sign = (signs << (31 - lane + rank).to(tl.uint32)) & 0x80000000
+        # Bit (lane - rank) of the word's pruned signs: a shift by count moves it to bit 31.
+        sign = (signs << count.to(tl.uint32)) & 0x80000000
         recovered = (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     else:
-        recovered = tl.zeros(rank.shape, tl.float32)
+        recovered = tl.zeros(count.shape, tl.float32)
+    # Both branches assign one result: the compiler type-checks every return of a function,
+    # a static branch's too (an FP8 entry is not the tile's dtype).
     if IS_FP8:
-        stored = tl.load(kept_ptr + rank, mask=kept, other=0.0).to(tl.float32) * k_scale
-        return tl.where(kept, stored, recovered).to(out_dtype)
-    return tl.load(kept_ptr + rank, mask=kept, other=recovered.to(out_dtype))
+        stored = tl.load(entry_ptr, mask=kept, other=0.0).to(tl.float32) * k_scale
+        entry = tl.where(kept, stored, recovered).to(out_dtype)
+    else:
+        entry = tl.load(entry_ptr, mask=kept, other=recovered.to(out_dtype))
+    return entry
+
+
+@triton.jit
+def _key_lanes(word, kept_ptr, signs, fill, rs, k_scale, j: tl.constexpr, MEAN_RECOVERY: tl.constexpr,
+               IS_FP8: tl.constexpr, OUT_MAX: tl.constexpr, out_dtype: tl.constexpr):
+    """Lanes ``j, 8 + j, 16 + j, 24 + j`` of every slot-word, ``[BLOCK, W, 2, 2]``; ``rs``: their
+    ``Qn^-1/2`` (``_split4`` order)."""
+    r0, r1, r2, r3 = _split4(rs)
+    return _join4(
+        _key_lane(word, kept_ptr, signs, fill, r0, k_scale, j, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_lane(word, kept_ptr, signs, fill, r1, k_scale, 8 + j, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_lane(word, kept_ptr, signs, fill, r2, k_scale, 16 + j, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_lane(word, kept_ptr, signs, fill, r3, k_scale, 24 + j, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+    )  # fmt: skip
 
 
 @triton.jit
@@ -223,38 +273,51 @@ def rebuild_keys(
     (rows off ``sel`` read nothing and come out 0); ``rs``: the window row's ``row_rsqrt``
     ("mean" only); ``KRec``: any pointer of the cache's entry type."""
     W: tl.constexpr = D // 32
-    words, prefix = _bitmaps(rec, sel, MASK_OFF, KEPT, W)
-    kept_ptr = (rec.to(KRec.dtype, bitcast=True)[:, None] + prefix)[:, :, None]
-    word = words[:, :, None]
+    word, prefix = _bitmaps(rec, sel, MASK_OFF, KEPT, W)
+    kept_ptr = rec.to(KRec.dtype, bitcast=True)[:, None] + prefix
     if MEAN_RECOVERY:
-        signs = _pruned_signs(rec, sel, prefix, SIGN_OFF, SIGN_WORDS, W)[:, :, None]
+        signs = _pruned_signs(rec, sel, prefix, SIGN_OFF, SIGN_WORDS, W)
         fill_ptr = (rec + FILL_OFF).to(tl.pointer_type(tl.bfloat16))
-        fill = tl.load(fill_ptr, mask=sel, other=0.0).to(tl.float32)[:, None, None]
+        fill = tl.load(fill_ptr, mask=sel, other=0.0).to(tl.float32)[:, None]
         r0, r1, r2, r3, r4, r5, r6, r7 = _split8(rs)
     else:
         signs = word
         fill = 0.0
-        r0, r1, r2, r3, r4, r5, r6, r7 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-    return _join8(
-        _key_part(word, kept_ptr, signs, fill, r0, k_scale, 0, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
-        _key_part(word, kept_ptr, signs, fill, r1, k_scale, 1, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
-        _key_part(word, kept_ptr, signs, fill, r2, k_scale, 2, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
-        _key_part(word, kept_ptr, signs, fill, r3, k_scale, 3, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
-        _key_part(word, kept_ptr, signs, fill, r4, k_scale, 4, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
-        _key_part(word, kept_ptr, signs, fill, r5, k_scale, 5, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
-        _key_part(word, kept_ptr, signs, fill, r6, k_scale, 6, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
-        _key_part(word, kept_ptr, signs, fill, r7, k_scale, 7, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        zero = tl.zeros([1, W, 2, 2], tl.float32)
+        r0, r1, r2, r3, r4, r5, r6, r7 = zero, zero, zero, zero, zero, zero, zero, zero
+    return _join32(
+        _key_lanes(word, kept_ptr, signs, fill, r0, k_scale, 0, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_lanes(word, kept_ptr, signs, fill, r1, k_scale, 1, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_lanes(word, kept_ptr, signs, fill, r2, k_scale, 2, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_lanes(word, kept_ptr, signs, fill, r3, k_scale, 3, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_lanes(word, kept_ptr, signs, fill, r4, k_scale, 4, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_lanes(word, kept_ptr, signs, fill, r5, k_scale, 5, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_lanes(word, kept_ptr, signs, fill, r6, k_scale, 6, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
+        _key_lanes(word, kept_ptr, signs, fill, r7, k_scale, 7, MEAN_RECOVERY, IS_FP8, OUT_MAX, out_dtype),
         BLOCK, D,
     )  # fmt: skip
 
 
 @triton.jit
-def _value_part(word, kept_ptr, fill, v_scale, j: tl.constexpr, IS_FP8: tl.constexpr, out_dtype: tl.constexpr):
-    rank, kept = _lane_bits(word, j)
+def _value_lane(word, kept_ptr, fill, v_scale, lane: tl.constexpr, IS_FP8: tl.constexpr, out_dtype: tl.constexpr):
+    count, kept = _lane_bits(word, lane)
+    entry_ptr = (kept_ptr + count) + (lane - 32)
     if IS_FP8:
-        stored = tl.load(kept_ptr + rank, mask=kept, other=0.0).to(tl.float32) * v_scale
-        return tl.where(kept, stored, fill).to(out_dtype)
-    return tl.load(kept_ptr + rank, mask=kept, other=fill.to(out_dtype))
+        stored = tl.load(entry_ptr, mask=kept, other=0.0).to(tl.float32) * v_scale
+        entry = tl.where(kept, stored, fill).to(out_dtype)
+    else:
+        entry = tl.load(entry_ptr, mask=kept, other=fill.to(out_dtype))
+    return entry
+
+
+@triton.jit
+def _value_lanes(word, kept_ptr, fill, v_scale, j: tl.constexpr, IS_FP8: tl.constexpr, out_dtype: tl.constexpr):
+    return _join4(
+        _value_lane(word, kept_ptr, fill, v_scale, j, IS_FP8, out_dtype),
+        _value_lane(word, kept_ptr, fill, v_scale, 8 + j, IS_FP8, out_dtype),
+        _value_lane(word, kept_ptr, fill, v_scale, 16 + j, IS_FP8, out_dtype),
+        _value_lane(word, kept_ptr, fill, v_scale, 24 + j, IS_FP8, out_dtype),
+    )  # fmt: skip
 
 
 @triton.jit
@@ -281,20 +344,19 @@ def rebuild_values(
     if VALUES_PACKED:
         W: tl.constexpr = DV // 32
         rec = V.to(tl.pointer_type(tl.uint8), bitcast=True) + kv_head * stride_v_h + wide_product(slots, stride_v_s)
-        words, prefix = _bitmaps(rec, sel, MASK_OFF, KEPT, W)
-        kept_ptr = (rec.to(V.dtype, bitcast=True)[:, None] + prefix)[:, :, None]
-        word = words[:, :, None]
+        word, prefix = _bitmaps(rec, sel, MASK_OFF, KEPT, W)
+        kept_ptr = rec.to(V.dtype, bitcast=True)[:, None] + prefix
         fill = tl.load((rec + FILL_OFF).to(tl.pointer_type(tl.bfloat16)), mask=sel, other=0.0).to(tl.float32)
-        fill = tl.clamp(fill, -OUT_MAX, OUT_MAX)[:, None, None]
-        return _join8(
-            _value_part(word, kept_ptr, fill, v_scale, 0, IS_FP8, out_dtype),
-            _value_part(word, kept_ptr, fill, v_scale, 1, IS_FP8, out_dtype),
-            _value_part(word, kept_ptr, fill, v_scale, 2, IS_FP8, out_dtype),
-            _value_part(word, kept_ptr, fill, v_scale, 3, IS_FP8, out_dtype),
-            _value_part(word, kept_ptr, fill, v_scale, 4, IS_FP8, out_dtype),
-            _value_part(word, kept_ptr, fill, v_scale, 5, IS_FP8, out_dtype),
-            _value_part(word, kept_ptr, fill, v_scale, 6, IS_FP8, out_dtype),
-            _value_part(word, kept_ptr, fill, v_scale, 7, IS_FP8, out_dtype),
+        fill = tl.clamp(fill, -OUT_MAX, OUT_MAX)[:, None]
+        return _join32(
+            _value_lanes(word, kept_ptr, fill, v_scale, 0, IS_FP8, out_dtype),
+            _value_lanes(word, kept_ptr, fill, v_scale, 1, IS_FP8, out_dtype),
+            _value_lanes(word, kept_ptr, fill, v_scale, 2, IS_FP8, out_dtype),
+            _value_lanes(word, kept_ptr, fill, v_scale, 3, IS_FP8, out_dtype),
+            _value_lanes(word, kept_ptr, fill, v_scale, 4, IS_FP8, out_dtype),
+            _value_lanes(word, kept_ptr, fill, v_scale, 5, IS_FP8, out_dtype),
+            _value_lanes(word, kept_ptr, fill, v_scale, 6, IS_FP8, out_dtype),
+            _value_lanes(word, kept_ptr, fill, v_scale, 7, IS_FP8, out_dtype),
             BLOCK, DV,
         )  # fmt: skip
     offs_d = tl.arange(0, DV)
@@ -741,7 +803,8 @@ class SparKDecodeWrapper:
         device: where the scratch lives.
         max_splits: upper bound of KV splits per request.
         num_sms: multiprocessor count used to size the grid (default: the device's).
-        block_n: KV slots per tile (default 64 for ``D <= 64``, else 32).
+        block_n: KV slots per tile (default 128 for ``D = 32``, 64 for ``D = 64``, else 32: at
+            least one slot-word, 32 channels of one slot, per thread of 4 warps).
         num_warps: warps of the split kernel (default 4, 8 for ``D > 128``).
         min_split_len: fewest slots worth a split of their own (default ``4 * block_n``).
 
@@ -777,7 +840,7 @@ class SparKDecodeWrapper:
         self.device = torch.device(device)
         self.max_splits = max_splits
         self.num_sms = num_sms or _device_sm_count(self.device)
-        self.block_n = block_n or (64 if head_dim <= 64 else 32)
+        self.block_n = block_n or {32: 128, 64: 64}.get(head_dim, 32)
         self.num_warps = num_warps or (4 if head_dim <= 128 else 8)
         self.min_split_len = min_split_len or 4 * self.block_n
         self._geometry = (self.device, head_dim, self.v_head_dim, self.block_n, num_warps)
