@@ -215,6 +215,19 @@ def _lane_bits(word, lane: tl.constexpr):
 
 
 @triton.jit
+def _kept_or(entry_ptr, kept, fallback, scale, IS_FP8: tl.constexpr, out_dtype: tl.constexpr):
+    """The stored entry where ``kept`` (FP8: dequantised with ``scale``), else ``fallback``."""
+    # Both branches assign one result: the compiler type-checks every return of a function,
+    # a static branch's too (an FP8 entry is not the tile's dtype).
+    if IS_FP8:
+        stored = tl.load(entry_ptr, mask=kept, other=0.0).to(tl.float32) * scale
+        entry = tl.where(kept, stored, fallback).to(out_dtype)
+    else:
+        entry = tl.load(entry_ptr, mask=kept, other=fallback.to(out_dtype))
+    return entry
+
+
+@triton.jit
 def _key_lane(word, kept_ptr, signs, fill, rs, k_scale, lane: tl.constexpr, MEAN_RECOVERY: tl.constexpr,
               IS_FP8: tl.constexpr, OUT_MAX: tl.constexpr, out_dtype: tl.constexpr):
     count, kept = _lane_bits(word, lane)
@@ -226,14 +239,7 @@ def _key_lane(word, kept_ptr, signs, fill, rs, k_scale, lane: tl.constexpr, MEAN
         recovered = (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     else:
         recovered = tl.zeros(count.shape, tl.float32)
-    # Both branches assign one result: the compiler type-checks every return of a function,
-    # a static branch's too (an FP8 entry is not the tile's dtype).
-    if IS_FP8:
-        stored = tl.load(entry_ptr, mask=kept, other=0.0).to(tl.float32) * k_scale
-        entry = tl.where(kept, stored, recovered).to(out_dtype)
-    else:
-        entry = tl.load(entry_ptr, mask=kept, other=recovered.to(out_dtype))
-    return entry
+    return _kept_or(entry_ptr, kept, recovered, k_scale, IS_FP8, out_dtype)
 
 
 @triton.jit
@@ -302,12 +308,7 @@ def rebuild_keys(
 def _value_lane(word, kept_ptr, fill, v_scale, lane: tl.constexpr, IS_FP8: tl.constexpr, out_dtype: tl.constexpr):
     count, kept = _lane_bits(word, lane)
     entry_ptr = (kept_ptr + count) + (lane - 32)
-    if IS_FP8:
-        stored = tl.load(entry_ptr, mask=kept, other=0.0).to(tl.float32) * v_scale
-        entry = tl.where(kept, stored, fill).to(out_dtype)
-    else:
-        entry = tl.load(entry_ptr, mask=kept, other=fill.to(out_dtype))
-    return entry
+    return _kept_or(entry_ptr, kept, fill, v_scale, IS_FP8, out_dtype)
 
 
 @triton.jit
