@@ -224,6 +224,21 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str = "float32") -> Ca
     )
 
 
+#: Report names of the models ``spark_sglang.models`` installs, by their command-line names.
+MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct (embedded, `spark_sglang.smollm2`)",
+               "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF dequantised, `spark_sglang.models`)"}
+
+
+def resolve_model(spec: str | None) -> tuple[str, str]:
+    """(checkpoint folder, report name) of a model given by name (None: the embedded default) or path."""
+    from spark_sglang.models import model_path
+
+    name = spec or "smollm2-135m"
+    if name in MODEL_NAMES:
+        return model_path(name), MODEL_NAMES[name]
+    return name, os.path.basename(os.path.normpath(name)) or name
+
+
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> CaptureModel:
     """``"minilm"`` (default, offline) or a path to a causal LM."""
     return load_minilm(device) if spec == MINILM else load_causal_lm(spec, device, dtype)

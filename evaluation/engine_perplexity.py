@@ -428,7 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=None,
-                   help="Hugging Face Llama-family directory (default: the embedded SmolLM2-135M-Instruct)")
+                   help="smollm2-135m (the embedded default), qwen2.5-coder-1.5b (once fetched) or a "
+                        "Hugging Face Llama/Qwen2-family directory")
+    p.add_argument("--corpus", default="licenses", choices=["licenses", "python-sources"],
+                   help="named text corpus (spark_sglang.texts)")
     p.add_argument("--samples", type=int, default=None,
                    help=f"samples (default {frontier.DEFAULTS['contexts']}; "
                         f"{frontier.DEFAULTS['quick_contexts']} with --quick)")
@@ -444,13 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(model: str | None) -> tuple[activations.CaptureModel, str, str]:
     """(model, its path, its name in the report)."""
-    if model is not None:
-        lm = activations.load_causal_lm(model)
-        return lm, model, lm.name
-    from spark_sglang.smollm2 import smollm2_path
-
-    path = smollm2_path()
-    return activations.load_causal_lm(path), path, "SmolLM2-135M-Instruct (embedded, `spark_sglang.smollm2`)"
+    path, name = activations.resolve_model(model)
+    return activations.load_causal_lm(path), path, name
 
 
 def _progress(message: str) -> None:
@@ -467,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [s for s in SETTINGS if not args.quick or s.name in QUICK_SETTINGS]
     window = frontier.DEFAULTS["window"]
     lm, model_path, model_name = _load(args.model)
-    documents = texts.load_documents()
+    documents = texts.load_documents(texts.corpus_paths(args.corpus))
     spans = build_spans(lm, documents, count, frontier.DEFAULTS["context_len"],
                         frontier.DEFAULTS["continuation_len"], window)
     simulated = simulate(lm.model, spans, settings, window, _progress)

@@ -1031,12 +1031,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=None,
-                   help="Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)")
+                   help="smollm2-135m (the embedded default), qwen2.5-coder-1.5b (after `python -m "
+                        "spark_sglang.models fetch qwen2.5-coder-1.5b`) or a Hugging Face causal-LM directory")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="model weights / compute dtype (the cache receives K/V rounded to bf16)")
     p.add_argument("--text", nargs="+", metavar="FILE",
                    help="real text files (default: /usr/share/common-licenses/* and Python's LICENSE.txt)")
+    p.add_argument("--corpus", default="licenses", choices=["licenses", "python-sources"],
+                   help="named text corpus (spark_sglang.texts) when --text is not given")
     p.add_argument("--contexts", type=int, default=None,
                    help=f"samples (default {DEFAULTS['contexts']}; {DEFAULTS['quick_contexts']} with --quick)")
     p.add_argument("--context-len", type=int, default=DEFAULTS["context_len"], help="context text tokens")
@@ -1071,13 +1074,8 @@ def _command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _load(args: argparse.Namespace) -> tuple[activations.CaptureModel, str]:
-    if args.model is not None:
-        lm = activations.load_causal_lm(args.model, args.device, args.dtype)
-        return lm, lm.name
-    from spark_sglang.smollm2 import smollm2_path
-
-    lm = activations.load_causal_lm(smollm2_path(), args.device, args.dtype)
-    return lm, "SmolLM2-135M-Instruct (embedded, `spark_sglang.smollm2`)"
+    path, name = activations.resolve_model(args.model)
+    return activations.load_causal_lm(path, args.device, args.dtype), name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1088,7 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
     contexts = args.contexts or DEFAULTS["quick_contexts" if args.quick else "contexts"]
     start = time.perf_counter()
     lm, model_name = _load(args)
-    documents = texts.load_documents(args.text)
+    documents = texts.load_documents(args.text or texts.corpus_paths(args.corpus))
     samples = iter_samples(lm, documents, args.context_len, args.continuation_len, args.window,
                            contexts)
 

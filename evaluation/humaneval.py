@@ -21,6 +21,7 @@ timeout kills everything it started.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -134,7 +135,9 @@ def generate(model_path: str, setting: Setting, prompts: list[str], max_new_toke
     if backend == "dense":
         backend = "triton" if torch.cuda.is_available() else "torch_native"
     options = {"spark_key_ratio": setting.key_ratio} if setting.backend == "spark" else {}
-    engine = sgl.Engine(attention_backend=backend, **engine_kwargs(model_path, setting.kv_cache_dtype), **options)
+    # A CPU decode step of a 1.5B model over a large batch can outlast SGLang's 300 s watchdog.
+    engine = sgl.Engine(attention_backend=backend, watchdog_timeout=3600,
+                        **engine_kwargs(model_path, setting.kv_cache_dtype), **options)  # fmt: skip
     try:
         start = time.perf_counter()
         outputs = engine.generate(prompt=prompts, sampling_params={"temperature": 0, "max_new_tokens": max_new_tokens,
@@ -145,14 +148,28 @@ def generate(model_path: str, setting: Setting, prompts: list[str], max_new_toke
     return [o["text"] for o in outputs], seconds
 
 
-def evaluate(model_path: str, settings, count: int, max_new_tokens: int) -> list[dict]:
+def evaluate(model_path: str, settings, count: int, max_new_tokens: int, saved: str | None = None) -> list[dict]:
+    """One row per setting. With ``saved`` (a JSON file), rows measured earlier with the same
+    problems and token limit are reused and each new row is written as soon as it is measured, so an
+    interrupted run resumes where it stopped."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     chosen = problems(count)
     prompts = [chat_prompt(tokenizer, p) for p in chosen]
+    run = {"problems": count, "max_new_tokens": max_new_tokens}
+    done = {}
+    if saved and os.path.exists(saved):
+        with open(saved) as f:
+            stored = json.load(f)
+        if stored.get("run") == run:
+            done = {row["setting"]: row for row in stored["rows"] if "error" not in row}
     rows = []
     for setting in settings:
+        if setting.name in done:
+            rows.append(done[setting.name])
+            print(f"{setting.name}: reused from {saved}", file=sys.stderr)
+            continue
         try:
             completions, seconds = generate(model_path, setting, prompts, max_new_tokens)
         except Exception as error:  # an engine that refuses the cache format: reported, not fatal
@@ -163,10 +180,15 @@ def evaluate(model_path: str, settings, count: int, max_new_tokens: int) -> list
         passed = sum(r == "passed" for r in results)
         row = {"setting": setting.name, "passed": passed, "problems": len(chosen), "pass_at_1": passed / len(chosen),
                "bytes_per_token": kv_bytes_per_token(model_path, setting), "seconds": seconds,
-               "results": dict(zip((p["task_id"] for p in chosen), results))}  # fmt: skip
+               "results": dict(zip((p["task_id"] for p in chosen), results)),
+               "completions": dict(zip((p["task_id"] for p in chosen), completions))}  # fmt: skip
         print(f"{setting.name}: pass@1 {passed}/{len(chosen)} = {row['pass_at_1']:.1%}, "
               f"{row['bytes_per_token']:.0f} KV B/token, {seconds:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
         rows.append(row)
+        if saved:
+            kept = {r["setting"]: r for r in [*done.values(), *rows] if "error" not in r}
+            with open(saved, "w") as f:
+                json.dump({"run": run, "rows": list(kept.values())}, f, indent=1)
     return rows
 
 
@@ -222,6 +244,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--settings", default=",".join(s.name for s in SETTINGS),
                         help="comma-separated setting names")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the markdown table here (and a .png plot beside it)")
+    parser.add_argument("--results", default=None,
+                        help="JSON of per-problem results and completions (default: beside --out); rows already "
+                             "in it for the same problems and token limit are reused")
     parser.add_argument("--dry-run", action="store_true", help="2 problems, dense and SparK K0.5, 48 new tokens")
     args = parser.parse_args(argv)
     from spark_sglang.models import model_path
@@ -234,7 +259,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.dry_run:
         args.problems, args.max_new_tokens, settings = 2, 48, [by_name["dense"], by_name["SparK K0.5"]]
     path = model_path(args.model)
-    rows = evaluate(path, settings, args.problems, args.max_new_tokens)
+    saved = args.results or (args.out[:-3] + ".json" if args.out else None)
+    rows = evaluate(path, settings, args.problems, args.max_new_tokens, saved)
     import platform
 
     import torch
