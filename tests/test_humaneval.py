@@ -80,3 +80,13 @@ def test_bytes_per_token_follow_the_layout_at_head_dim_128(tmp_path):
     spark = humaneval.kv_bytes_per_token(str(tmp_path), by_name["SparK K0.5"])
     assert dense * 0.5 < spark < dense
     assert humaneval.kv_bytes_per_token(str(tmp_path), by_name["SparK K0.8"]) < spark
+
+
+def test_page_keeps_hand_written_text(tmp_path):
+    page = tmp_path / "humaneval.md"
+    humaneval.write_page(str(page), "table one\n")
+    page.write_text("# Notes by hand\n\n" + page.read_text() + "\n## Reading\nkept\n")
+    humaneval.write_page(str(page), "table two\n")
+    text = page.read_text()
+    assert text.startswith("# Notes by hand\n") and text.endswith("## Reading\nkept\n")
+    assert "table two" in text and "table one" not in text
