@@ -20,9 +20,8 @@ logger = logging.getLogger(__name__)
 def spark_cell_size(kvc, num_layers: int) -> int:
     from sglang.srt.runtime_context import get_parallel
 
-    from spark_sglang.pool import TOKENS_PER_WINDOW_ROW
-
     from spark_sglang.patches.hicache import host_tier
+    from spark_sglang.pool import TOKENS_PER_WINDOW_ROW
 
     model = kvc.model_config
     parallel = get_parallel()

@@ -207,7 +207,8 @@ class SparKBackendMixin:
         if len(own) < len(lens):
             heirs = torch.tensor([b for b, inherits in enumerate(inherit) if inherits], dtype=torch.long, device=device)
             last_prefix_slot = self.csr.kv_indices[self.csr.kv_indptr[heirs + 1].long() - 1]
-            self.pool.wait_for_layer(0)  # a prefix loaded from HiCache's host tier writes its row ids with layer 0
+            # A prefix loaded from HiCache's host tier gets its row ids with its first layer.
+            self.pool.wait_for_layer(self.pool.start_layer)
             rows[heirs] = self.pool.slot_rows[last_prefix_slot]
         return rows, writes, len(own) == len(lens) and all(fresh)
 

@@ -28,7 +28,7 @@ import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
-from spark_sglang.kernels.layout import STATS_DTYPE, SparKConfig, key_views, value_views
+from spark_sglang.kernels.layout import STATS_DTYPE, SparKConfig, bytes_per_token, key_views, value_views
 from spark_sglang.kernels.reference import PackedKeys, PackedValues, to_storage
 from spark_sglang.kernel_ops import kernel_ops
 from spark_sglang.window_rows import WindowRows
@@ -78,7 +78,7 @@ class SparKTokenToKVPool(MHATokenToKVPool):
         self.config = spark_config
         self.layout = spark_config.layout(head_dim, dtype)  # raises on an unsupported head dim / dtype
         # Host-resident slots (HiCache) keep their rows pinned here: provision rows for them too.
-        self.host_tokens = self._host_tokens(size, host_tier, layer_num * head_num)
+        self.host_tokens = self._host_tokens(size, host_tier, head_num, layer_num)
         self.num_window_rows = num_window_rows(size + self.host_tokens)
         self.host_pools = []  # SparKHostPool instances whose slots pin window rows
         self.ops = kernel_ops(device)  # Triton kernels on CUDA, the PyTorch path elsewhere
@@ -86,15 +86,15 @@ class SparKTokenToKVPool(MHATokenToKVPool):
         super().__init__(size, page_size, dtype, head_num, head_dim, layer_num, device,
                          enable_memory_saver, v_head_dim=head_dim, **kwargs)  # fmt: skip
 
-    def _host_tokens(self, size: int, host_tier, layer_heads: int) -> int:
+    def _host_tokens(self, size: int, host_tier, head_num: int, layer_num: int) -> int:
         """Tokens HiCache's host tier holds (0 without it): ``host_tier = (ratio, size GB)`` sized as
         ``HostKVCache`` does, by GB over the host bytes per token if given, else ratio x device."""
         if host_tier is None:
             return 0
         ratio, size_gb = host_tier
         if size_gb > 0:
-            per_token = layer_heads * (self.layout.key_bytes_per_head() + self.layout.value_bytes_per_head()) + 4
-            return int(size_gb * 1e9 // per_token)
+            per_token = bytes_per_token(self.config, self.layout.head_dim, head_num, layer_num, self.layout.dtype)
+            return int(size_gb * 1e9 // per_token["spark"])  # the records and the row id, as the host stores them
         return int(size * ratio)
 
     # --- buffers -------------------------------------------------------------------------------

@@ -186,6 +186,10 @@ def test_window_rows_are_provisioned_for_host_tokens():
                                    host_tier=(2.0, 0.0))  # fmt: skip
     assert with_host.host_tokens == 2 * 64 * 1024
     assert with_host.num_window_rows == 3 * 64 * 1024 // 128 > plain.num_window_rows
+    by_size = SparKTokenToKVPool(SIZE, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
+                                 layer_num=LAYERS, device="cpu", enable_memory_saver=False, spark_config=config,
+                                 host_tier=(2.0, 0.5))  # fmt: skip  # --hicache-size 0.5 (GB) wins over the ratio
+    assert by_size.host_tokens == int(0.5e9 // bytes_per_token(config, DIM, HEADS, LAYERS, torch.float32)["spark"])
 
 
 # --- the engine ---------------------------------------------------------------------------------
