@@ -17,9 +17,11 @@ def _resolve_kv_pool_class(original, self, *, kind, default):
     pool_class = original(self, kind=kind, default=default)
     if kind != "mha" or not spark_enabled():
         return pool_class
+    from spark_sglang.patches.hicache import host_tier
     from spark_sglang.pool import SparKTokenToKVPool
 
-    return functools.partial(SparKTokenToKVPool, spark_config=spark_config(self.server_args))
+    return functools.partial(SparKTokenToKVPool, spark_config=spark_config(self.server_args),
+                             host_tier=host_tier(self.server_args))  # fmt: skip
 
 
 def _enable_fused_set_kv_buffer(original, *args, **kwargs):

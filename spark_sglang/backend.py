@@ -207,14 +207,17 @@ class SparKBackendMixin:
         if len(own) < len(lens):
             heirs = torch.tensor([b for b, inherits in enumerate(inherit) if inherits], dtype=torch.long, device=device)
             last_prefix_slot = self.csr.kv_indices[self.csr.kv_indptr[heirs + 1].long() - 1]
+            # A prefix loaded from HiCache's host tier gets its row ids with its first layer.
+            self.pool.wait_for_layer(self.pool.start_layer)
             rows[heirs] = self.pool.slot_rows[last_prefix_slot]
         return rows, writes, len(own) == len(lens) and all(fresh)
 
     def _live_rows(self) -> torch.Tensor:
-        return live_rows(
+        live = live_rows(
             self.pool.num_window_rows, self.pool.slot_rows, allocated_slots(self.spark_allocator),
             self.req_rows, running_requests(self.spark_req_to_token_pool),
         )  # fmt: skip
+        return live | self.pool.host_pinned_rows()  # rows of slots evicted to HiCache's host tier
 
     # --- attention ------------------------------------------------------------------------------
 

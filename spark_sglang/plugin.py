@@ -1,7 +1,9 @@
 """SGLang plugin entry point (group ``sglang.srt.plugins``): SGLang calls ``register()`` in the
 launcher, the Engine and every scheduler process, before it reads its arguments."""
 
-from spark_sglang.patches import attention, capacity, chunking, kv_pool, radix_cache, refusals, server_args, server_info
+from spark_sglang.patches import (
+    attention, capacity, chunking, hicache, kv_pool, radix_cache, refusals, server_args, server_info,
+)  # fmt: skip
 
 
 def register() -> None:
@@ -9,6 +11,7 @@ def register() -> None:
     refusals.install()
     attention.install()
     kv_pool.install()
+    hicache.install()
     capacity.install()
     radix_cache.install()
     chunking.install()

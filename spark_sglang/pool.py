@@ -13,6 +13,10 @@ FP8 as ``x / k_scale`` (``v_scale`` for values), SGLang's convention, through ``
 
 ``slot_rows [slots]`` int32 (shared by all layers) holds the window row each slot was compressed
 with; ``window_rows`` hands rows out and reclaims them (``spark_sglang.window_rows``).
+
+With HiCache (``spark_sglang/host_pool.py``) evicted slots live on in host memory with their row
+ids; the rows they reference stay pinned here, so the tables are provisioned for the host tokens
+too (``host_tier``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
-from spark_sglang.kernels.layout import STATS_DTYPE, SparKConfig, key_views, value_views
+from spark_sglang.kernels.layout import STATS_DTYPE, SparKConfig, bytes_per_token, key_views, value_views
 from spark_sglang.kernels.reference import PackedKeys, PackedValues, to_storage
 from spark_sglang.kernel_ops import kernel_ops
 from spark_sglang.window_rows import WindowRows
@@ -62,7 +66,8 @@ class SparKTokenToKVPool(MHATokenToKVPool):
 
     def __init__(self, size: int, page_size: int, dtype: torch.dtype, head_num: int, head_dim: int,
                  layer_num: int, device: str, enable_memory_saver: bool, *,
-                 spark_config: SparKConfig, v_head_dim: int | None = None, **kwargs):  # fmt: skip
+                 spark_config: SparKConfig, v_head_dim: int | None = None,
+                 host_tier: tuple[float, float] | None = None, **kwargs):  # fmt: skip
         if v_head_dim not in (None, head_dim):
             raise ValueError(
                 f"SparK needs equal key and value head dims (got {head_dim} and {v_head_dim}); "
@@ -72,11 +77,25 @@ class SparKTokenToKVPool(MHATokenToKVPool):
             raise ValueError("SparK's pool does not support a quantized KV cache or post-capture KV sizing")
         self.config = spark_config
         self.layout = spark_config.layout(head_dim, dtype)  # raises on an unsupported head dim / dtype
-        self.num_window_rows = num_window_rows(size)
+        # Host-resident slots (HiCache) keep their rows pinned here: provision rows for them too.
+        self.host_tokens = self._host_tokens(size, host_tier, head_num, layer_num)
+        self.num_window_rows = num_window_rows(size + self.host_tokens)
+        self.host_pools = []  # SparKHostPool instances whose slots pin window rows
         self.ops = kernel_ops(device)  # Triton kernels on CUDA, the PyTorch path elsewhere
         kwargs.update(enable_kv_cache_copy=False, post_capture_active=False)
         super().__init__(size, page_size, dtype, head_num, head_dim, layer_num, device,
                          enable_memory_saver, v_head_dim=head_dim, **kwargs)  # fmt: skip
+
+    def _host_tokens(self, size: int, host_tier, head_num: int, layer_num: int) -> int:
+        """Tokens HiCache's host tier holds (0 without it): ``host_tier = (ratio, size GB)`` sized as
+        ``HostKVCache`` does, by GB over the host bytes per token if given, else ratio x device."""
+        if host_tier is None:
+            return 0
+        ratio, size_gb = host_tier
+        if size_gb > 0:
+            per_token = bytes_per_token(self.config, self.layout.head_dim, head_num, layer_num, self.layout.dtype)
+            return int(size_gb * 1e9 // per_token["spark"])  # the records and the row id, as the host stores them
+        return int(size * ratio)
 
     # --- buffers -------------------------------------------------------------------------------
 
@@ -130,7 +149,14 @@ class SparKTokenToKVPool(MHATokenToKVPool):
         del self.layers, self.slot_rows, self.k_buffer, self.v_buffer
 
     def layer_cache(self, layer_id: int) -> LayerCache:
+        """One layer's storage. With HiCache, first waits (on the current stream) until a load
+        from host memory in flight has written this layer, as SGLang's pools do."""
+        self.wait_for_layer(layer_id)
         return self.layers[layer_id - self.start_layer]
+
+    def wait_for_layer(self, layer_id: int) -> None:
+        if self.layer_transfer_counter is not None:
+            self.layer_transfer_counter.wait_until(layer_id - self.start_layer)
 
     def get_kv_size_bytes(self):
         """(key bytes, value bytes): every buffer, side data, window tables and row ids included."""
@@ -212,7 +238,20 @@ class SparKTokenToKVPool(MHATokenToKVPool):
         # Conservative: freed slots keep their stale row ids, so some dead rows stay live.
         live = torch.zeros(self.num_window_rows, dtype=torch.bool, device=self.device)
         live[self.slot_rows.long()] = True
-        return live
+        return live | self.host_pinned_rows()
+
+    # --- HiCache host tier -----------------------------------------------------------------------
+
+    def attach_host_pool(self, host_pool) -> None:
+        """Register a host pool whose allocated slots pin the window rows they reference."""
+        self.host_pools.append(host_pool)
+
+    def host_pinned_rows(self) -> torch.Tensor:
+        """Bool ``[num_window_rows]``: rows referenced by slots held in host memory."""
+        pinned = torch.zeros(self.num_window_rows, dtype=torch.bool)
+        for host_pool in self.host_pools:
+            pinned |= host_pool.pinned_rows(self.num_window_rows)
+        return pinned.to(self.device)
 
     # --- features SparK does not support ---------------------------------------------------------
 
@@ -220,7 +259,8 @@ class SparKTokenToKVPool(MHATokenToKVPool):
         raise NotImplementedError("SparK's compact KV pool does not support PD disaggregation transfer")
 
     def get_device_pool_infos(self):
-        raise NotImplementedError("SparK's compact KV pool does not support HiCache / host KV mirrors")
+        # SGLang's dense host pools read these; SparK's host pool (host_pool.py) reads the records.
+        raise NotImplementedError("SparK's compact KV pool has no dense K/V buffers for SGLang's MHA host pools")
 
 
 def _scale(scale) -> float:

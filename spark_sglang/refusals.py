@@ -12,7 +12,11 @@ from spark_sglang.server_args import BACKEND_NAME, given_options, option_errors,
 #: (server option, test on its resolved value, what to do)
 _UNSUPPORTED_OPTIONS = (
     ("speculative_algorithm", lambda v: v is not None, "speculative decoding is not supported: drop --speculative-algorithm"),
-    ("enable_hierarchical_cache", bool, "HiCache is not supported: drop --enable-hierarchical-cache"),
+    ("hicache_storage_backend", lambda v: v is not None, "HiCache's storage tier is not supported (its pages would "
+        "reference window rows the device pool no longer keeps): drop --hicache-storage-backend; the host tier "
+        "(--enable-hierarchical-cache) works"),
+    ("disaggregation_decode_enable_offload_kvcache", bool, "decode-side KV offload is not supported: drop "
+        "--disaggregation-decode-enable-offload-kvcache"),
     ("enable_hisparse", bool, "HiSparse is not supported: drop --enable-hisparse"),
     ("disaggregation_mode", lambda v: v not in (None, "null"), "PD disaggregation is not supported: drop --disaggregation-mode"),
     ("kv_cache_dtype", lambda v: v not in (None, "auto", "bf16", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2"),
