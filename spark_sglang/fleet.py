@@ -95,6 +95,14 @@ class Worker:
         self.process: subprocess.Popen | None = None
         self.tmp_dir: str | None = None
 
+    @classmethod
+    def running(cls, url: str) -> "Worker":
+        """A handle on a server someone else started (state and flush only; not killed or stopped)."""
+        from urllib.parse import urlparse
+
+        worker = cls("", port=urlparse(check_loopback(url)).port)
+        return worker
+
     def start(self) -> "Worker":
         for attempt in range(3):  # a port chosen free can be taken before the server binds it
             try:
@@ -270,3 +278,12 @@ def fleet(model_path: str | None = None, *, workers: int = 2, policy: str = "cac
     finally:
         for worker in started:
             worker.stop()
+
+
+@contextlib.contextmanager
+def fleet_over(worker_urls: Sequence[str], *, policy: str = "cache_aware",
+               router_args: Sequence[str] = ()) -> Iterator[tuple[str, list[Worker]]]:  # fmt: skip
+    """sglang-router over SparK servers already running (left running on exit): yields (router URL, workers)."""
+    workers = [Worker.running(url) for url in worker_urls]
+    with router(worker_urls, policy=policy, extra_args=router_args) as url:
+        yield url, workers
