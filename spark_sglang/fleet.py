@@ -104,6 +104,9 @@ class Worker:
         return worker
 
     def start(self) -> "Worker":
+        if self.tmp_dir:  # a killed run's folder (log, sockets)
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self.tmp_dir = None
         for attempt in range(3):  # a port chosen free can be taken before the server binds it
             try:
                 self.process, self.tmp_dir, self.url = _start(
