@@ -69,12 +69,13 @@ def get_json(url: str, timeout: float = 30) -> dict:
         return json.loads(response.read())
 
 
-def memory_fraction(model_path: str, workers: int, kv_share: float = 0.08) -> float:
+def memory_fraction(model_path: str, workers: int, kv_share: float = 0.3) -> float:
     """``--mem-fraction-static`` for a CPU worker started beside ``workers - 1`` others.
 
     On CPU SGLang takes the fraction of free host RAM and counts whatever that RAM lost while the
-    weights loaded as the weights: workers loading at once count each other's weights too. The
-    pools themselves are sized by ``--max-total-tokens``.
+    weights loaded as the weights: workers loading at once count each other's weights too, and so
+    does any other job's allocation meanwhile, hence the wide margin. The fraction only bounds the
+    pool: ``--max-total-tokens`` sizes it.
     """
     from spark_sglang.demo import cpu_memory_fraction
 
