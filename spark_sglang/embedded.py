@@ -96,9 +96,12 @@ def launch_command(model_path: str, *, key_ratio: float | None = 0.5, value_rati
     return cmd
 
 
-def server_env(tmp_dir: str, cpu: bool | None = None) -> dict[str, str]:
-    """The server's environment: private TMPDIR; on CPU SGLang's plain CPU platform."""
+def server_env(tmp_dir: str, cpu: bool | None = None, threads: int | None = None) -> dict[str, str]:
+    """The server's environment: private TMPDIR; on CPU SGLang's plain CPU platform; ``threads``:
+    torch's intra-op threads in every server process (OMP_NUM_THREADS)."""
     env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env["TMPDIR"] = tmp_dir
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tmp_dir, "inductor"))
     env["PYTHONUNBUFFERED"] = "1"
@@ -157,11 +160,13 @@ def wait_until_ready(url: str, process: subprocess.Popen, log_path: str, timeout
 @contextlib.contextmanager
 def embedded_server(model_path: str | None = None, *, key_ratio: float | None = 0.5,
                     value_ratio: float | None = None, port: int | None = None,
-                    extra_args: Sequence[str] = (), startup_timeout: float = 240) -> Iterator[str]:  # fmt: skip
+                    extra_args: Sequence[str] = (), startup_timeout: float = 240, threads: int | None = None,
+                    cpus: Sequence[int] | None = None) -> Iterator[str]:  # fmt: skip
     """Run a SparK SGLang server on 127.0.0.1; yields its base URL (``http://127.0.0.1:PORT``).
 
-    ``model_path`` defaults to the embedded SmolLM2-135M-Instruct (``smollm2_path()``). Raises
-    ``RuntimeError`` with the tail of the server log when it dies or is not ready in
+    ``model_path`` defaults to the embedded SmolLM2-135M-Instruct (``smollm2_path()``). ``threads``
+    caps torch's threads per server process, ``cpus`` pins the server's processes to these cores.
+    Raises ``RuntimeError`` with the tail of the server log when it dies or is not ready in
     ``startup_timeout`` seconds.
     """
     if model_path is None:
@@ -173,7 +178,7 @@ def embedded_server(model_path: str | None = None, *, key_ratio: float | None = 
     attempts = 1 if port else 3  # a port we chose may be taken before the server binds it
     for attempt in range(attempts):
         try:
-            process, tmp_dir, url = _start(model_path, port or free_port(), startup_timeout,
+            process, tmp_dir, url = _start(model_path, port or free_port(), startup_timeout, threads=threads, cpus=cpus,
                                            key_ratio=key_ratio, value_ratio=value_ratio, extra_args=extra_args)  # fmt: skip
             break
         except PortInUse:
@@ -186,16 +191,22 @@ def embedded_server(model_path: str | None = None, *, key_ratio: float | None = 
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _start(model_path: str, port: int, startup_timeout: float, **options) -> tuple[subprocess.Popen, str, str]:
+def _start(model_path: str, port: int, startup_timeout: float, threads: int | None = None,
+           cpus: Sequence[int] | None = None, **options) -> tuple[subprocess.Popen, str, str]:  # fmt: skip
     """Start a server and wait until it is ready: (process, its temp folder, base URL)."""
     url = f"http://{LOOPBACK}:{port}"
     tmp_dir = tempfile.mkdtemp(prefix="spark-server-")
     log_path = os.path.join(tmp_dir, "server.log")
+    cmd = launch_command(model_path, port=port, **options)
+    if cpus and shutil.which("taskset"):  # pinned from exec on: the processes it spawns inherit the cores
+        cmd = ["taskset", "-c", ",".join(map(str, cpus))] + cmd
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            launch_command(model_path, port=port, **options), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=server_env(tmp_dir), cwd=tmp_dir, start_new_session=True,
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=server_env(tmp_dir, threads=threads), cwd=tmp_dir, start_new_session=True,
         )  # fmt: skip
+    if cpus and not shutil.which("taskset"):  # before it spawns its scheduler (seconds of imports away)
+        os.sched_setaffinity(process.pid, set(cpus))
     try:
         wait_until_ready(url, process, log_path, startup_timeout)
     except BaseException:

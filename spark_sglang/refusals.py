@@ -28,11 +28,17 @@ _UNSUPPORTED_OPTIONS = (
     ("enable_kv_cache_sharding", bool, "KV-cache sharding is not supported: drop --enable-kv-cache-sharding"),
     ("enable_page_major_kv_layout", bool, "the page-major KV layout is not supported: drop --enable-page-major-kv-layout"),
     ("dcp_size", lambda v: v not in (None, 1), "decode context parallelism is not supported: use --dcp-size 1"),
-    ("enable_dp_attention", bool, "DP attention is not supported: drop --enable-dp-attention"),
-    ("attn_dp_size", lambda v: v not in (None, 1), "DP attention is not supported: use --attn-dp-size 1"),
-    ("dp_size", lambda v: v not in (None, 1), "data parallelism (--dp-size > 1) is not supported: use --dp-size 1 "
-        "and run one server per replica behind a router"),
+    ("enable_dp_attention", bool, "DP attention is not supported: drop --enable-dp-attention "
+        "(--dp-size N alone runs N replicas, each with its own SparK pool)"),
+    ("attn_dp_size", lambda v: v not in (None, 1), "DP attention is not supported: use --attn-dp-size 1 "
+        "(--dp-size N alone runs N replicas, each with its own SparK pool)"),
 )  # fmt: skip
+# Not refused: --dp-size N without DP attention. SGLang's DataParallelController then starts N
+# independent schedulers, each with its own model runner, SparK pool and radix cache
+# (tests/test_data_parallel.py). Its dispatch (round robin, or by queued requests / tokens) does
+# not look at prefixes, so a multi-turn session's turns land on different pools and lose their
+# radix hits: for agents, run one server per replica behind sglang-router's cache-aware policy
+# (examples/router_fleet.py).
 
 
 def unsupported_reasons(settings, backends, model_config) -> list[str]:

@@ -39,13 +39,11 @@ def start(model_path, **options):
         (dict(attention_backend="spark", spark_window=2.5), r"window=2\.5 must be a positive integer, not a float"),
         (dict(attention_backend="spark", spark_dense_layers="0,7"), r"names layers \[7\] but the model has 2 layers"),
         (dict(attention_backend="spark", enable_dp_attention=True, dp_size=2), r"DP attention is not supported"),
-        (dict(attention_backend="spark", dp_size=2), r"data parallelism \(--dp-size > 1\) is not supported"),
         (dict(attention_backend="spark", enable_hierarchical_cache=True, hicache_storage_backend="file"),
          r"HiCache's storage tier is not supported.*drop --hicache-storage-backend"),
     ],
     ids=["key-ratio", "value-ratio", "window", "dense-layers", "not-spark", "mixed-chunk", "mixed-backends", "mxfp8",
-         "ratio-type", "window-type", "dense-layers-beyond-model", "dp-attention", "dp-size",
-         "hicache-storage"],
+         "ratio-type", "window-type", "dense-layers-beyond-model", "dp-attention", "hicache-storage"],
 )
 def test_engine_refuses_at_start_up(model_path, options, message):
     with pytest.raises(ValueError, match=message):
