@@ -1,7 +1,9 @@
 """SGLang plugin entry point (group ``sglang.srt.plugins``): SGLang calls ``register()`` in the
 launcher, the Engine and every scheduler process, before it reads its arguments."""
 
-from spark_sglang.patches import attention, capacity, chunking, kv_pool, radix_cache, refusals, server_args, server_info
+from spark_sglang.patches import (
+    attention, capacity, chunking, deterministic, kv_pool, radix_cache, refusals, server_args, server_info,
+)
 
 
 def register() -> None:
@@ -13,3 +15,4 @@ def register() -> None:
     radix_cache.install()
     chunking.install()
     server_info.install()
+    deterministic.install()
