@@ -68,8 +68,11 @@ def option_errors(server_args) -> list[str]:
 
 
 def deterministic(server_args) -> bool:
-    """``--enable-deterministic-inference`` (SGLang also turns it on for ``--rl-on-policy-target``)."""
-    return bool(getattr(server_args, "enable_deterministic_inference", False))
+    """``--enable-deterministic-inference`` as resolved (SGLang also turns it on for
+    ``--rl-on-policy-target``, a declaration rather than a field write)."""
+    from sglang.srt.arg_groups.overrides import resolution_result
+
+    return bool(resolution_result(server_args, "enable_deterministic_inference", False))
 
 
 def spark_config(server_args) -> SparKConfig:

@@ -31,8 +31,8 @@ OTHERS = [
     "Translate 'good morning' into Spanish, German and Italian.",
     "Describe the rules of chess for a complete beginner, starting with how the pieces move.",
 ]
-NEW_TOKENS = 10
-GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS}
+NEW_TOKENS = 8
+GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
 
 
 def start(**options):
