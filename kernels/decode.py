@@ -808,6 +808,10 @@ class SparKDecodeWrapper:
             least one slot-word, 32 channels of one slot, per thread of 4 warps).
         num_warps: warps of the split kernel (default 4, 8 for ``D > 128``).
         min_split_len: fewest slots worth a split of their own (default ``4 * block_n``).
+        fixed_split_len: deterministic mode: every split holds this many slots (a multiple of
+            ``block_n``) and the split axis is ``max_splits`` for every batch size, so a request's
+            splits, and the order they are merged in, do not depend on the rest of the batch
+            (``max_splits`` must cover the longest request).
 
     The grid's split axis is ``min(max_splits, cdiv(R * num_sms, batch * num_kv_heads))`` with
     ``R`` the split kernel's residency in CTAs per SM: measured from the compiled kernel once one
@@ -829,6 +833,7 @@ class SparKDecodeWrapper:
         block_n: int | None = None,
         num_warps: int | None = None,
         min_split_len: int | None = None,
+        fixed_split_len: int | None = None,
     ):
         if num_qo_heads % num_kv_heads:
             raise ValueError(
@@ -844,6 +849,9 @@ class SparKDecodeWrapper:
         self.block_n = block_n or {32: 128, 64: 64}.get(head_dim, 32)
         self.num_warps = num_warps or (4 if head_dim <= 128 else 8)
         self.min_split_len = min_split_len or 4 * self.block_n
+        if fixed_split_len is not None and fixed_split_len % self.block_n:
+            raise ValueError(f"fixed_split_len={fixed_split_len} is not a multiple of block_n={self.block_n}")
+        self.fixed_split_len = fixed_split_len
         self._geometry = (self.device, head_dim, self.v_head_dim, self.block_n, num_warps)
         self._grid_by_batch: dict[int, int] = {}
         self._batch = -1
@@ -864,6 +872,8 @@ class SparKDecodeWrapper:
         """Size of the grid's split axis for a batch size (fixed at its first ``plan``)."""
         if batch in self._grid_by_batch:
             return self._grid_by_batch[batch]
+        if self.fixed_split_len is not None:
+            return self.max_splits
         programs = self.ctas_per_sm * self.num_sms
         return max(1, min(self.max_splits, -(-programs // (batch * self.num_kv_heads))))
 
@@ -895,6 +905,12 @@ class SparKDecodeWrapper:
         if kv_indptr.numel() != batch + 1:
             raise ValueError(f"kv_indptr has {kv_indptr.numel()} entries for a batch of {batch}")
         grid_splits = self._grid_by_batch.setdefault(batch, self.grid_splits(batch))
+        if self.fixed_split_len is not None:
+            split_len = self.fixed_split_len
+            longest = int(lens.max()) if batch else 0
+            if -(-longest // split_len) > grid_splits:
+                raise ValueError(f"a request of {longest} slots needs more than max_splits={grid_splits} "
+                                 f"splits of {split_len}")  # fmt: skip
         if split_len is None:
             work = int(lens.sum()) * self.num_kv_heads
             split_len = max(self.min_split_len, -(-work // (self.ctas_per_sm * self.num_sms)))

@@ -11,6 +11,7 @@ TARGET = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInter
 
 def spark_state(scheduler) -> dict | None:
     """The SparK pool's occupancy, or None when the scheduler does not serve with ``spark``."""
+    from spark_sglang import cpu_batch_invariant
     from spark_sglang.pool import SparKTokenToKVPool
 
     model_runner = scheduler.tp_worker.model_runner
@@ -29,6 +30,9 @@ def spark_state(scheduler) -> dict | None:
         "window_rows": pool.num_window_rows,
         "window_rows_live": live,
         "window_rows_borrowed": pool.window_rows.borrowed,
+        "reproducible": pool.config.reproducible,
+        # deterministic mode on CPU: the model's matmuls run row-count-independent (patches/deterministic.py)
+        "cpu_batch_invariant_matmuls": cpu_batch_invariant.installed(),
     }
 
 

@@ -140,8 +140,12 @@ class SparKBackendMixin:
     def _new_decode_wrapper(self):
         return self.ops.decode_wrapper(
             self.spark_num_qo_heads, self.pool.head_num, self.pool.head_dim,
-            device=self.spark_device, max_splits=self.spark_max_splits,
+            device=self.spark_device, max_splits=self.spark_max_splits, **self._split_options(),
         )  # fmt: skip
+
+    def _split_options(self) -> dict:
+        """Decode split options of this backend (the CPU paths split at a fixed size always)."""
+        return {}
 
     # --- per-batch metadata -------------------------------------------------------------------
 
@@ -322,6 +326,13 @@ class SparKAttnBackend(SparKBackendMixin, TritonAttnBackend):
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
         self._init_spark_metadata(forward_batch)
+
+    def _split_options(self) -> dict:
+        # Deterministic mode: TritonAttnBackend fixes split_tile_size (SGLang's default 256) and
+        # sizes max_kv_splits for the longest context; SparK's decode splits at the same size.
+        if getattr(self, "enable_deterministic", False):
+            return {"fixed_split_len": self.split_tile_size}
+        return {}
 
     def _dense_forward(self, extend, *args, **kwargs):
         parent = TritonAttnBackend.forward_extend if extend else TritonAttnBackend.forward_decode

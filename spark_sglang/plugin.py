@@ -2,7 +2,8 @@
 launcher, the Engine and every scheduler process, before it reads its arguments."""
 
 from spark_sglang.patches import (
-    attention, capacity, chunking, hicache, kv_pool, radix_cache, refusals, server_args, server_info,
+    attention, capacity, chunking, deterministic, hicache, kv_pool, radix_cache, refusals, server_args,
+    server_info,
 )  # fmt: skip
 
 
@@ -16,3 +17,4 @@ def register() -> None:
     radix_cache.install()
     chunking.install()
     server_info.install()
+    deterministic.install()

@@ -7,7 +7,7 @@ so the caller of ``sglang.Engine`` / ``launch_server`` gets an ordinary ``ValueE
 from __future__ import annotations
 
 from spark_sglang.kernels.layout import SparKConfig
-from spark_sglang.server_args import BACKEND_NAME, given_options, option_errors, spark_config
+from spark_sglang.server_args import BACKEND_NAME, deterministic, given_options, option_errors, spark_config
 
 #: (server option, test on its resolved value, what to do)
 _UNSUPPORTED_OPTIONS = (
@@ -56,6 +56,9 @@ def unsupported_reasons(settings, backends, model_config) -> list[str]:
     for option, is_set, fix in _UNSUPPORTED_OPTIONS:
         if is_set(getattr(settings, option, None)):
             reasons.append(fix)
+    if deterministic(settings) and getattr(settings, "spark_reproducible", None) is False:
+        reasons.append("--enable-deterministic-inference needs SparK's reproducible last query: "
+                       "drop --spark-reproducible false (deterministic mode turns it on)")
     arch = str(getattr(model_config, "attention_arch", ""))
     if arch.endswith("MLA"):
         reasons.append("MLA models (e.g. DeepSeek) are not supported: use another attention backend")

@@ -67,9 +67,23 @@ def option_errors(server_args) -> list[str]:
     return errors
 
 
+def deterministic(server_args) -> bool:
+    """``--enable-deterministic-inference`` as resolved (SGLang also turns it on for
+    ``--rl-on-policy-target``, a declaration rather than a field write)."""
+    from sglang.srt.arg_groups.overrides import resolution_result
+
+    return bool(resolution_result(server_args, "enable_deterministic_inference", False))
+
+
 def spark_config(server_args) -> SparKConfig:
-    """Validated config from the server arguments; every bad value is listed, with its flag."""
+    """Validated config from the server arguments; every bad value is listed, with its flag.
+
+    Deterministic mode turns ``reproducible`` on: a radix hit on a resent prompt must give the
+    cold run's answer (a contradicting ``--spark-reproducible false`` is refused at start-up)."""
     errors = option_errors(server_args)
     if errors:
         raise ValueError("\n".join(errors))
-    return SparKConfig(**{OPTION_FIELDS[o]: v for o, v in given_options(server_args).items()})
+    fields = {OPTION_FIELDS[o]: v for o, v in given_options(server_args).items()}
+    if deterministic(server_args):
+        fields["reproducible"] = True
+    return SparKConfig(**fields)

@@ -396,3 +396,36 @@ def test_cuda_graph_replay(request):
         torch.cuda.synchronize()
         expect = reference_decode(q_buf.cpu(), cache, indptr, indices, 1 / math.sqrt(head_dim), 0.0)
         assert_close_to_reference(out, lse, *expect, dtype)
+
+
+def test_fixed_split_len_makes_a_request_independent_of_its_batch(request):
+    """Deterministic mode (``fixed_split_len``): a request's splits and their merge order do not
+    depend on the batch, so its output is bit-identical alone and beside other requests; without
+    it the split length follows the batch's total work (checked: the two plans differ)."""
+    gen = generator(request)
+    num_kv_heads, group, head_dim, dtype = 2, 2, 64, torch.float32
+    lens = [100, 20, 60, 7]
+    indptr, indices, num_slots = paged_batch(gen, lens, 1)
+    cache = build_cache(gen, num_slots, indices, num_kv_heads, head_dim, dtype, 0.5, "mean", 0.0)
+    q = torch.randn(len(lens), group * num_kv_heads, head_dim, generator=gen)
+    args = (cache.keys, cache.values, cache.window_stats, cache.slot_rows)
+
+    def run(wrapper, batch):
+        sub_indptr = torch.tensor([0] + [lens[b] for b in batch], dtype=torch.int64).cumsum(0).to(torch.int32)
+        sub_indices = torch.cat([indices[indptr[b] : indptr[b + 1]] for b in batch])
+        wrapper.plan(sub_indptr.to(DEVICE), sub_indices.to(DEVICE))
+        out, lse = poisoned_outputs(len(batch), group * num_kv_heads, head_dim, dtype)
+        wrapper.run(q[batch].to(DEVICE), *args, out=out, lse=lse)
+        at = batch.index(0)  # request 0's position in this batch
+        return out[at].cpu(), lse[at].cpu(), int(wrapper.num_splits[at])
+
+    def new(**options):
+        return decode.SparKDecodeWrapper(group * num_kv_heads, num_kv_heads, head_dim, device=DEVICE,
+                                         block_n=BLOCK_N, num_sms=4, min_split_len=BLOCK_N, max_splits=8, **options)  # fmt: skip
+
+    alone, batched = run(new(fixed_split_len=32), [0]), run(new(fixed_split_len=32), [2, 0, 1, 3])
+    assert alone[2] == batched[2] == 4  # cdiv(100, 32) in both
+    assert torch.equal(alone[0], batched[0]) and torch.equal(alone[1], batched[1])
+    assert run(new(), [0])[2] != run(new(), [0, 1, 2, 3])[2]  # the default plan depends on the batch
+    with pytest.raises(ValueError, match="not a multiple of block_n"):
+        new(fixed_split_len=40)

@@ -41,9 +41,12 @@ def start(model_path, **options):
         (dict(attention_backend="spark", enable_dp_attention=True, dp_size=2), r"DP attention is not supported"),
         (dict(attention_backend="spark", enable_hierarchical_cache=True, hicache_storage_backend="file"),
          r"HiCache's storage tier is not supported.*drop --hicache-storage-backend"),
+        (dict(attention_backend="spark", enable_deterministic_inference=True, spark_reproducible=False),
+         r"--enable-deterministic-inference needs SparK's reproducible last query"),
     ],
     ids=["key-ratio", "value-ratio", "window", "dense-layers", "not-spark", "mixed-chunk", "mixed-backends", "mxfp8",
-         "ratio-type", "window-type", "dense-layers-beyond-model", "dp-attention", "hicache-storage"],
+         "ratio-type", "window-type", "dense-layers-beyond-model", "dp-attention", "hicache-storage",
+         "deterministic-without-reproducible"],
 )
 def test_engine_refuses_at_start_up(model_path, options, message):
     with pytest.raises(ValueError, match=message):
@@ -79,3 +82,23 @@ def test_every_refused_option_is_a_server_args_field():
 
     fields = set(ServerArgs.__struct_fields__)
     assert [option for option, _, _ in _UNSUPPORTED_OPTIONS if option not in fields] == []
+
+
+def test_deterministic_inference_is_accepted_with_the_radix_cache(model_path):
+    """spark is on SGLang's deterministic and radix-capable lists (patches/deterministic.py): the
+    flag resolves without --disable-radix-cache, and SparK's config turns reproducible on."""
+    from sglang.srt.arg_groups.overrides import resolved_view
+
+    from spark_sglang.server_args import spark_config
+
+    load_plugins()
+    args = prepare_server_args(["--model-path", model_path, "--attention-backend", "spark", "--device", "cpu",
+                                "--enable-deterministic-inference"])  # fmt: skip
+    args.resolve_once()  # what the launcher runs: SGLang's deterministic checks, then SparK's
+    resolved = resolved_view(args)
+    assert resolved.enable_deterministic_inference and resolved.attention_backend == "spark"
+    assert not resolved.disable_radix_cache and resolved.sampling_backend == "pytorch"
+    assert spark_config(args).reproducible
+    plain = prepare_server_args(["--model-path", model_path, "--attention-backend", "spark", "--device", "cpu"])
+    plain.resolve_once()
+    assert not spark_config(plain).reproducible
