@@ -19,7 +19,7 @@ restart and be routed to again, and after a flush of both workers the soak's lea
 (free slots against pool slots, live window rows) and whether any process of the killed worker
 survived.
 
-    python benchmarks/router_agents.py --fault --no-retries-too --out docs/router_agents.md
+    python benchmarks/router_agents.py --fault --no-retries-too   # the run in docs/agents.md (about 20 min on 2 cores)
     python benchmarks/router_agents.py --dry-run --fault      # 2 sessions x 2 turns: the plumbing only
 """
 
