@@ -5,7 +5,7 @@ One process, engines one after another on the same machine (SmolLM2-135M-Instruc
 
 * ``spark``: no flag (the plugin's default);
 * ``spark deterministic``: the flag (reproducible last query + row-count-independent matmuls);
-* ``spark deterministic, ATen matmuls``: the flag with ``SPARK_SGLANG_CPU_BATCH_INVARIANT=0``, to
+* ``spark deterministic (ATen matmuls)``: the flag with ``SPARK_SGLANG_CPU_BATCH_INVARIANT=0``, to
   see whether the matmul part is needed.
 
 Per engine: generated tokens per second of a batch of ``--prompts`` different prompts
@@ -30,12 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.test_deterministic import OTHERS, TARGET  # noqa: E402
+from tests.test_deterministic import MEMORY_SLACK, OTHERS, TARGET  # noqa: E402
 
 MODES = {
     "spark": ({}, {}),
     "spark deterministic": ({"enable_deterministic_inference": True}, {}),
-    "spark deterministic, ATen matmuls": ({"enable_deterministic_inference": True},
+    "spark deterministic (ATen matmuls)": ({"enable_deterministic_inference": True},
                                            {"SPARK_SGLANG_CPU_BATCH_INVARIANT": "0"}),
 }  # fmt: skip
 WORKLOAD = [
@@ -96,7 +96,7 @@ def run_mode(name: str, args) -> dict:
     os.environ.update(env)
     path = smollm2_path()
     engine = sgl.Engine(model_path=path, device="cpu", attention_backend="spark", dtype="float32",
-                        disable_cuda_graph=True, mem_fraction_static=cpu_memory_fraction(path, 0.05),
+                        disable_cuda_graph=True, mem_fraction_static=cpu_memory_fraction(path, MEMORY_SLACK),
                         max_total_tokens=8192, random_seed=0, log_level="error", sleep_on_idle=True,
                         chunked_prefill_size=args.chunked_prefill_size, spark_key_ratio=0.5, **options)  # fmt: skip
     try:
@@ -132,7 +132,10 @@ def main() -> None:
         args.repeats, args.new_tokens = 2, 16
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the scheduler process
 
-    results = {name: run_mode(name, args) for name in args.modes.split(",")}
+    results = {}
+    for name in args.modes.split(","):
+        results[name] = run_mode(name, args)
+        print(f"{name}: {results[name]}", flush=True)
     print(f"\n{args.prompts} different prompts x {args.new_tokens} new tokens per batch, median of {args.repeats} "
           f"batches after one warm-up; chunked prefill {args.chunked_prefill_size}; {args.threads} torch thread(s); "
           f"SmolLM2-135M-Instruct float32 on CPU, spark K 0.5\n")  # fmt: skip

@@ -21,6 +21,7 @@ invariant checker runs all along (a leaked slot stops the server).
     python benchmarks/soak.py                          # 2000 requests, SmolLM2 on CPU (about an hour on 2 cores)
     python benchmarks/soak.py --requests 120 --quick   # the CI-sized version
     python benchmarks/soak.py --quick --reproducible   # SparK with --spark-reproducible
+    python benchmarks/soak.py --quick --deterministic  # SparK with --enable-deterministic-inference
 """
 
 from __future__ import annotations
@@ -276,12 +277,17 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="SparK only (the CI check)")
     parser.add_argument("--reproducible", action="store_true", help="serve SparK with --spark-reproducible")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="serve SparK with --enable-deterministic-inference (reproducible included)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     args.model_path = args.model_path or smollm2_path()
     config = SparKConfig(key_ratio=args.key_ratio)
-    spark_options = {"spark_key_ratio": args.key_ratio, "spark_reproducible": args.reproducible}
+    spark_options = {"spark_key_ratio": args.key_ratio, "spark_reproducible": args.reproducible or None}
+    if args.deterministic:
+        spark_options["enable_deterministic_inference"] = True
     spark_name = "SparK K %.1f" % args.key_ratio + (" reproducible" if args.reproducible else "")
+    spark_name += " deterministic" if args.deterministic else ""
     runs = [(spark_name, "spark", budget_tokens(args.model_path, args.budget_tokens, config), spark_options)]
     if not args.quick:
         runs.insert(0, ("dense torch_native", "torch_native", args.budget_tokens, {}))

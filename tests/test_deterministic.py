@@ -32,13 +32,16 @@ OTHERS = [
     "Describe the rules of chess for a complete beginner, starting with how the pieces move.",
 ]
 NEW_TOKENS = 8
+#: mem_fraction_static above the weights' share: SGLang on CPU refuses to start when free RAM drops
+#: while it loads (other jobs on a shared machine); max_total_tokens caps the pool anyway.
+MEMORY_SLACK = 0.4
 GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
 
 
 def start(**options):
     path = smollm2_path()
     return sgl.Engine(model_path=path, device="cpu", attention_backend="spark", dtype="float32",
-                      disable_cuda_graph=True, mem_fraction_static=cpu_memory_fraction(path, 0.05),
+                      disable_cuda_graph=True, mem_fraction_static=cpu_memory_fraction(path, MEMORY_SLACK),
                       max_total_tokens=8192, random_seed=0, log_level="error", sleep_on_idle=True,
                       **options)  # fmt: skip
 
