@@ -11,6 +11,8 @@ TARGET = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInter
 
 def spark_state(scheduler) -> dict | None:
     """The SparK pool's occupancy, or None when the scheduler does not serve with ``spark``."""
+    from sglang.srt.runtime_context import get_parallel
+
     from spark_sglang import cpu_batch_invariant
     from spark_sglang.pool import SparKTokenToKVPool
 
@@ -22,6 +24,8 @@ def spark_state(scheduler) -> dict | None:
     live = int(backend._live_rows().sum()) if hasattr(backend, "_live_rows") else None
     allocator = scheduler.token_to_kv_pool_allocator
     return {
+        # internal_states come in the order the replicas answer, not by rank
+        "dp_rank": get_parallel().dp_rank or 0,
         "kernels": pool.ops.name,
         "bytes_per_slot": pool.bytes_per_slot(),
         "pool_slots": pool.size,

@@ -1,7 +1,9 @@
 """``--dp-size 2`` with SparK on CPU: two replicas, each with its own SparK pool, give one replica's tokens.
 
 SGLang's DataParallelController starts one scheduler per replica (its own model runner, pool and
-radix cache) and dispatches requests round robin, so two prompts land one on each replica. Each
+radix cache). Prompt i is routed to replica i (``routed_dp_rank``: the dispatcher's round robin
+also counts requests other than ours, so it cannot be relied on to alternate), and a last prompt
+goes through the dispatcher unrouted, to exactly one replica. Each
 prompt runs on an empty cache (``flush_cache`` first: the prompts share their first token, which a
 single replica would serve from its radix cache), so both runs compute the same thing. The tiny
 model keeps the start-ups short; one core per replica. The replicas load at the same time and each
@@ -16,7 +18,13 @@ import sglang as sgl
 
 from spark_sglang.tiny_model import build_tiny_llama
 
-PROMPTS = ["def parse(path):\n    with open(path) as f:\n", "import os\nimport sys\n\nclass Config:\n"]
+PROMPTS = ["def parse(path):\n    with open(path) as f:\n", "import os\nimport sys\n\nclass Config:\n",
+           "for line in lines:\n    if line.strip():\n"]
+
+
+def replica_states(engine) -> list[dict]:
+    """Every replica's SparK state, by rank (the replicas answer in any order)."""
+    return sorted((state["spark"] for state in engine.get_server_info()["internal_states"]), key=lambda s: s["dp_rank"])
 
 
 def serve(dp_size: int) -> tuple[list[list[int]], list[list[dict]]]:
@@ -27,13 +35,14 @@ def serve(dp_size: int) -> tuple[list[list[int]], list[list[dict]]]:
     tokens, states = [], []
     try:
         info = engine.get_server_info()
-        for prompt in PROMPTS:
+        for i, prompt in enumerate(PROMPTS):
             assert engine.flush_cache().success
-            output = engine.generate(prompt=prompt, sampling_params={"temperature": 0, "max_new_tokens": 12})
+            routed = {"routed_dp_rank": i} if dp_size > 1 and i < dp_size else {}
+            output = engine.generate(prompt=prompt, sampling_params={"temperature": 0, "max_new_tokens": 12}, **routed)
             tokens.append(output["output_ids"])
-            states.append([state["spark"] for state in engine.get_server_info()["internal_states"]])
+            states.append(replica_states(engine))
         assert engine.flush_cache().success
-        states.append([state["spark"] for state in engine.get_server_info()["internal_states"]])
+        states.append(replica_states(engine))
     finally:
         engine.shutdown()
     assert info["attention_backend"] == "spark" and info["dp_size"] == dp_size
@@ -46,11 +55,10 @@ def test_two_replicas_own_their_pools_and_give_the_tokens_of_one(monkeypatch):
     monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")  # SGLang asks for one core set per replica
     two, states = serve(2)
     assert two == one
-    assert all(len(replicas) == 2 for replicas in states), states
-    # Round robin: prompt i was cached in replica i's pool, and only there.
-    for i, replicas in enumerate(states[:2]):
-        holding = [r for r, state in enumerate(replicas) if state["evictable_slots"] > 0]
-        assert holding == [i], (i, replicas)
+    assert all([state["dp_rank"] for state in replicas] == [0, 1] for replicas in states), states
+    # Prompt i was cached in replica i's pool, and only there; the unrouted one in one pool.
+    holding = [[r for r, state in enumerate(replicas) if state["evictable_slots"] > 0] for replicas in states[:3]]
+    assert holding[:2] == [[0], [1]] and len(holding[2]) == 1, (holding, states)
     for state in states[-1]:  # every slot and window row came back
         assert state["free_slots"] == state["pool_slots"], states[-1]
         assert state["window_rows_live"] == 0, states[-1]

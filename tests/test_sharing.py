@@ -101,7 +101,10 @@ def test_resent_prompt(engine, prompts):
     reads the prompt compressed where the cold run read it dense: with SparK its log-probs move
     (tokens usually stay). Its decode tokens are compressed under the first request's window (a
     one-token extend keeps the prefix's row). With --spark-reproducible the last prompt query reads
-    the cache as stored in the cold run too, so the resent prompt computes exactly what it did."""
+    the cache as stored in the cold run too, so the first token and its log-prob are the cold run's.
+    The later ones can move by a flipped channel: the hit recomputes the last prompt token alone, in
+    other matmul bits than the cold prefill (seen on CI's CPU: 0.039). tests/test_deterministic.py
+    checks the bit-exact version."""
     name, engine = engine
     for prompt in prompts if name == "spark-reproducible" else prompts[2:]:
         assert engine.flush_cache().success
@@ -111,4 +114,7 @@ def test_resent_prompt(engine, prompts):
         if name == "spark":
             assert all(math.isfinite(x) for x in second_logprobs)
         else:
-            assert second_ids == first_ids and largest_gap(first_logprobs, second_logprobs) <= 1e-4
+            assert second_ids == first_ids
+            assert abs(first_logprobs[0] - second_logprobs[0]) <= 1e-4
+            bound = 1e-4 if name == "torch_native" else FLIPPED_CHANNEL_BOUND
+            assert largest_gap(first_logprobs, second_logprobs) <= bound
