@@ -377,3 +377,17 @@ def test_cli_writes_deterministic_reports_and_keeps_the_reading(tmp_path):
     assert F.main(args) == 0
     assert csv_path.read_text() == first_csv
     assert md.read_text() == text.replace(placeholder, "MY READING")
+
+
+def test_each_named_model_has_its_own_block_in_one_page():
+    qwen = F.begin_marker("qwen2.5-coder-1.5b")
+    assert F.begin_marker(None) == F.begin_marker("smollm2-135m") == F.begin_marker("/some/dir") == F.BEGIN
+    assert qwen != F.BEGIN and "--model qwen2.5-coder-1.5b" in qwen
+    page = F.splice_block("", f"{F.BEGIN}\nsmol v1\n{F.END}", F.BEGIN, "SmolLM2")
+    page = page.replace("(Hand-written interpretation goes here; regenerating keeps it.)", "MY READING")
+    page = F.splice_block(page, f"{qwen}\nqwen v1\n{F.END}", qwen, "Qwen")
+    assert page.index("smol v1") < page.index("## Qwen") < page.index("qwen v1") < page.index("## Reading")
+    again = F.splice_block(page, f"{F.BEGIN}\nsmol v2\n{F.END}", F.BEGIN, "SmolLM2")
+    again = F.splice_block(again, f"{qwen}\nqwen v2\n{F.END}", qwen, "Qwen")
+    assert again == page.replace("smol v1", "smol v2").replace("qwen v1", "qwen v2")
+    assert again.count("## Qwen") == 1 and "MY READING" in again
