@@ -965,7 +965,8 @@ def generated_block(results: Results, info: RunInfo, image: str, begin: str = BE
         f"by {info.continuation_len + 1} continuation tokens ({info.continuation_len} scored "
         f"predictions); window W = {info.window}; every layer compressed.",
         "- Text (real, not written by this project): "
-        + ", ".join(f"`{d.name}` (sha256 {d.sha256[:12]})" for d in info.documents) + ".",
+        + ", ".join(f"`{d.name}` (sha256 {d.sha256[:12]})" for d in info.documents
+                    if any(source.startswith(f"{d.name}@") for source in results.sources)) + ".",
         f"- The model's own continuation perplexity (uncompressed float32 cache): {ref_mean:.3f} ± "
         f"{ref_se:.3f} (mean ± standard error over samples).",
         f"- Bytes per token and layer-head, K + V, side data included; bf16 = {g.dense_bytes:g}. "

@@ -371,6 +371,7 @@ def test_cli_writes_deterministic_reports_and_keeps_the_reading(tmp_path):
     assert float(bf16["tokens_vs_bf16"]) == 1.0 and abs(float(bf16["ppl_change_pct"])) < 0.5
     text = md.read_text()
     assert F.BEGIN in text and F.END in text and "| 2x tokens | 64.0 |" in text
+    assert text.count("(sha256 ") == 1  # one context: only the document it came from is listed
     placeholder = "(Hand-written interpretation goes here; regenerating keeps it.)"
     md.write_text(text.replace(placeholder, "MY READING"))
     first_csv = csv_path.read_text()
