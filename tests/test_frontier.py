@@ -384,6 +384,8 @@ def test_each_named_model_has_its_own_block_in_one_page():
     qwen = F.begin_marker("qwen2.5-coder-1.5b")
     assert F.begin_marker(None) == F.begin_marker("smollm2-135m") == F.begin_marker("/some/dir") == F.BEGIN
     assert qwen != F.BEGIN and "--model qwen2.5-coder-1.5b" in qwen
+    engine_page = F.begin_marker("qwen2.5-coder-1.5b", "python -m evaluation.engine_perplexity")
+    assert "`python -m evaluation.engine_perplexity --model qwen2.5-coder-1.5b`" in engine_page
     page = F.splice_block("", f"{F.BEGIN}\nsmol v1\n{F.END}", F.BEGIN, "SmolLM2")
     page = page.replace("(Hand-written interpretation goes here; regenerating keeps it.)", "MY READING")
     page = F.splice_block(page, f"{qwen}\nqwen v1\n{F.END}", qwen, "Qwen")
