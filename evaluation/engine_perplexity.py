@@ -57,8 +57,8 @@ FP8 = torch.float8_e4m3fn
 #: Harness storages: the dtype the simulated cache receives K/V in, by report label.
 STORAGES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 #: Engine arguments shared by every configuration (CPU, float32; the pool is capped per run).
-ENGINE_ARGS = dict(device="cpu", dtype="float32", disable_cuda_graph=True, mem_fraction_static=0.05,
-                   random_seed=0, log_level="error", sleep_on_idle=True, skip_tokenizer_init=True)
+ENGINE_ARGS = dict(device="cpu", dtype="float32", disable_cuda_graph=True, random_seed=0,
+                   log_level="error", sleep_on_idle=True, skip_tokenizer_init=True)
 GREEDY_ONE_TOKEN = {"temperature": 0.0, "max_new_tokens": 1}
 
 COMMAND = "python -m evaluation.engine_perplexity"
@@ -223,8 +223,10 @@ def run_engine(model_path: str, setting: Setting, spans: Sequence[Span], window:
     import sglang
 
     longest = max(len(s.context) + len(s.continuation) for s in spans)
-    engine = sglang.Engine(model_path=model_path, max_total_tokens=2 * longest, **ENGINE_ARGS,
-                           **setting.engine_options(window))
+    # On CPU SGLang takes the static fraction of free RAM and the weights must fit inside it (a
+    # 1.5B float32 model needs a third of this machine's); max_total_tokens caps the pool itself.
+    engine = sglang.Engine(model_path=model_path, max_total_tokens=2 * longest, mem_fraction_static=0.9,
+                           **ENGINE_ARGS, **setting.engine_options(window))
     try:
         page_size = int(engine.get_server_info()["page_size"])
         return [serve_span(engine, span, page_size) for span in spans]
