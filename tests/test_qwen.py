@@ -80,6 +80,17 @@ def test_qwen_geometry(model_path):
     assert config.hidden_size // config.num_attention_heads == 128 and not config.tie_word_embeddings
 
 
+def test_fp8_keys_are_flagged_for_qwen2(model_path):
+    """SGLang's own ModelConfig of the real checkpoint: FP8 warns, bf16 does not."""
+    from sglang.srt.configs.model_config import ModelConfig
+
+    from spark_sglang.refusals import fp8_warning
+
+    config = ModelConfig(model_path)
+    assert "Qwen2ForCausalLM" in fp8_warning("fp8_e4m3", config) and "docs/humaneval.md" in fp8_warning("fp8_e5m2", config)
+    assert fp8_warning("auto", config) is None and fp8_warning(None, config) is None
+
+
 def test_dense_engine_matches_transformers(model_path, prompts):
     outputs = serve(model_path, prompts, "torch_native")
     assert outputs[1]["meta_info"]["cached_tokens"] >= len(prompts[0]) - 1

@@ -4,6 +4,8 @@ These checks run in the launcher's argument resolution, before any scheduler pro
 the caller gets an ordinary exception.
 """
 
+import warnings
+
 import pytest
 import sglang as sgl
 from sglang.srt.plugins import load_plugins
@@ -102,3 +104,15 @@ def test_deterministic_inference_is_accepted_with_the_radix_cache(model_path):
     plain = prepare_server_args(["--model-path", model_path, "--attention-backend", "spark", "--device", "cpu"])
     plain.resolve_once()
     assert not spark_config(plain).reproducible
+
+
+def test_fp8_cache_warns_on_a_fragile_architecture(model_path, monkeypatch):
+    """The warning is wired into start-up: the tiny Llama stands in for a fragile architecture."""
+    from spark_sglang import refusals
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", refusals.FP8KeyWarning)  # a plain Llama: no warning
+        start(model_path, attention_backend="spark", kv_cache_dtype="fp8_e4m3")
+    monkeypatch.setattr(refusals, "FP8_FRAGILE_ARCHITECTURES", ("LlamaForCausalLM",))
+    with pytest.warns(refusals.FP8KeyWarning, match=r"--kv-cache-dtype fp8_e4m3 on a LlamaForCausalLM model"):
+        start(model_path, attention_backend="spark", kv_cache_dtype="fp8_e4m3")
