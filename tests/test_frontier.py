@@ -257,6 +257,25 @@ def test_uncompressed_continuation_is_the_models_own_prediction(tiny_llama, tiny
     assert F.mean_kl(own, logprobs) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_fp8_ablation_quantizes_only_the_chosen_part(tiny_llama, tiny_sample):
+    from evaluation import fp8_ablation as A
+
+    heads = A.layer_mask(2, 2, lambda layer, layers: layer != 0)  # layer-major: layer 0 is heads 0, 1
+    assert heads.tolist() == [False, False, True, True]
+    cache = F.CacheInput.of(tiny_sample)
+    part = A.partly_fp8(cache.keys, heads)
+    assert torch.equal(part[:, :2], cache.keys[:, :2]) and not torch.equal(part[:, 2:], cache.keys[:, 2:])
+    assert torch.equal(part[:, 2:], quant.FP8_E4M3.quantize(cache.keys)[:, 2:])
+    results, magnitudes = A.run(tiny_llama, [tiny_sample])
+    keys, values = F.quant_method(quant.FP8_E4M3, F.Geometry.of(tiny_sample)).compress(cache)
+    reference = F.continuation_logprobs(tiny_llama, tiny_sample, tiny_sample.keys, tiny_sample.values)
+    expected = F.mean_kl(reference, F.continuation_logprobs(tiny_llama, tiny_sample, keys, values))
+    assert results["FP8 keys and values, every layer"][0] == [pytest.approx(expected)]  # the frontier's FP8
+    assert magnitudes == pytest.approx([float(tiny_sample.keys[:, :2].abs().max()),
+                                        float(tiny_sample.keys[:, 2:].abs().max())])
+    assert len(A.table(results, magnitudes)) == 2 + len(A.VARIANTS) + 2
+
+
 @pytest.mark.parametrize("compress", [
     lambda c: F.spark_compress(0.8, 0.0, torch.bfloat16, c),
     lambda c: F._quantize_both(quant.INT4, c),
