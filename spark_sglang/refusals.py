@@ -99,8 +99,9 @@ def model_reasons(config: SparKConfig, model_config) -> list[str]:
 
 
 #: Architectures whose answers an FP8 KV cache was measured to break: Qwen2.5-Coder-1.5B passes 12
-#: of 40 HumanEval problems with FP8 keys against 36 dense (docs/humaneval.md); its keys carry
-#: large biases (docs/frontier.md). A warning, not a refusal: a user may have checked their model.
+#: of 40 HumanEval problems with FP8 keys against 36 dense (docs/humaneval.md); its first layer's
+#: keys (|k| up to 360) are the cause (docs/frontier.md). A warning, not a refusal: a user may have
+#: checked their own model.
 FP8_FRAGILE_ARCHITECTURES = ("Qwen2ForCausalLM",)
 
 
@@ -116,7 +117,8 @@ def fp8_warning(kv_cache_dtype, model_config) -> str | None:
         return None
     return (f"--kv-cache-dtype {kv_cache_dtype} on a {fragile[0]} model: on Qwen2.5-Coder-1.5B FP8 keys "
             "broke the answers (HumanEval 12/40 against 36/40 dense, SparK on FP8 11/40; docs/humaneval.md). "
-            "Check your model's outputs, or use --kv-cache-dtype auto with SparK (34/40 at key ratio 0.5).")
+            "Check your model's outputs, or use --kv-cache-dtype auto with SparK (34/40 at key ratio 0.5; "
+            "docs/frontier.md: the first layer's keys are what FP8 breaks).")
 
 
 def check(server_args, settings, backends, model_config) -> None:
