@@ -384,8 +384,7 @@ def generated_block(results: Results, info: RunInfo, begin: str = BEGIN) -> str:
         f"- Samples: {len(results.spans)} contexts of {len(span.context)} tokens (special tokens "
         f"included), each followed by {len(span.continuation)} continuation tokens "
         f"({len(span.continuation) - 1} scored); the spans of `python -m evaluation.frontier`.",
-        "- Text: " + ", ".join(f"`{d.name}` (sha256 {d.sha256[:12]})" for d in info.documents
-                               if any(s.source.startswith(f"{d.name}@") for s in results.spans)) + ".",
+        f"- Text: {frontier.sampled_documents(info.documents, (s.source for s in results.spans))}.",
         f"- Dense check: continuation perplexity {_ppl(dense_nll)} through the dense engine, "
         f"{_ppl(results.simulated.reference_nll)} in the harness (uncompressed float32 cache); "
         f"largest per-sample difference of the mean NLL {float(gap):.2e} nats/token.",

@@ -10,6 +10,7 @@ breaks a model (``docs/frontier.md``) without changing what the frontier measure
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 
@@ -67,7 +68,7 @@ def run(model, samples: list[frontier.Sample]) -> tuple[dict, list[float]]:
             logprobs = frontier.continuation_logprobs(model, sample, keys, values)
             nll = frontier.mean_nll(sample, logprobs)
             results[label][0].append(frontier.mean_kl(reference, logprobs))
-            results[label][1].append(100 * (torch.exp(torch.tensor(nll - reference_nll)).item() - 1))
+            results[label][1].append(100 * (math.exp(nll - reference_nll) - 1))
     return results, magnitudes or []
 
 

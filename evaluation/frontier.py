@@ -951,6 +951,12 @@ class RunInfo:
     command: str
 
 
+def sampled_documents(documents: Sequence[texts.Document], sources: Iterable[str]) -> str:
+    """The documents the samples (``name@offset``) came from, named with their digests."""
+    names = {source.rsplit("@", 1)[0] for source in sources}
+    return ", ".join(f"`{d.name}` (sha256 {d.sha256[:12]})" for d in documents if d.name in names)
+
+
 def generated_block(results: Results, info: RunInfo, image: str, begin: str = BEGIN) -> str:
     g = results.geometry
     ref_mean, ref_se = mean_se(results.reference_ppl())
@@ -965,9 +971,7 @@ def generated_block(results: Results, info: RunInfo, image: str, begin: str = BE
         f"(+ {g.num_tokens - info.context_len} special) = {g.num_tokens} cached tokens, each followed "
         f"by {info.continuation_len + 1} continuation tokens ({info.continuation_len} scored "
         f"predictions); window W = {info.window}; every layer compressed.",
-        "- Text (real, not written by this project): "
-        + ", ".join(f"`{d.name}` (sha256 {d.sha256[:12]})" for d in info.documents
-                    if any(source.startswith(f"{d.name}@") for source in results.sources)) + ".",
+        f"- Text (real, not written by this project): {sampled_documents(info.documents, results.sources)}.",
         f"- The model's own continuation perplexity (uncompressed float32 cache): {ref_mean:.3f} ± "
         f"{ref_se:.3f} (mean ± standard error over samples).",
         f"- Bytes per token and layer-head, K + V, side data included; bf16 = {g.dense_bytes:g}. "
